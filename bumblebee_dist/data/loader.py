@@ -107,10 +107,11 @@ class EventLoader:
         """Number of shards skipped as corrupt."""
         return len(self.store.skipped_shards)
 
-    @property
-    def plan(self) -> EpochPlan:
-        """Plan of the current epoch: order, batches, dropped and padding counts."""
-        return self._current_plan()
+    def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
+        """Return the plan of ``epoch`` (default: the current one): order, batches, drop counts."""
+        if epoch is None or epoch == self.epoch:
+            return self._current_plan()
+        return self._build_plan(epoch)
 
     def __len__(self) -> int:
         """Batches this rank takes in the current epoch, the same on every rank."""
@@ -189,10 +190,13 @@ class EventLoader:
 
     def _current_plan(self) -> EpochPlan:
         if self._plan is None or self._plan.epoch != self.epoch:
-            self._plan = plan_epoch(self.store.events.event_id, self._lengths, seed=self.seed,
-                                    epoch=self.epoch, max_tokens=self.max_tokens,
-                                    world_size=self.world_size, drop_last=self.drop_last)
+            self._plan = self._build_plan(self.epoch)
         return self._plan
+
+    def _build_plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.store.events.event_id, self._lengths, seed=self.seed, epoch=epoch,
+                          max_tokens=self.max_tokens, world_size=self.world_size,
+                          drop_last=self.drop_last)
 
     def _setting(self, key: str) -> Any:
         return self.num_events if key == "num_events" else getattr(self, key)
