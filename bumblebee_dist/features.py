@@ -77,7 +77,7 @@ class FeatureStats:
 
     @classmethod
     def from_manifest(cls, feature_stats: Mapping[str, Any]) -> "FeatureStats":
-        """Build from the manifest's ``feature_stats`` dict: ``{"log_pt": {"mean", "std"}, ...}``."""
+        """Build from the manifest's ``feature_stats``: ``{"log_pt": {"mean", "std"}, ...}``."""
         values = {}
         for name in STANDARDIZED:
             entry = feature_stats.get(name)
