@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bumblebee_dist import masking
 from bumblebee_dist.config import DataConfig
+from bumblebee_dist.data.block import EventBlock
 from bumblebee_dist.data.packing import PackedBatch, gather_events, pack_events
 from bumblebee_dist.data.plan import EMPTY_BATCH, EpochPlan, plan_epoch, worker_share
 from bumblebee_dist.data.store import EventStore, load_split
@@ -64,7 +66,7 @@ class EventLoader:
     so calling it after ``load_state_dict`` does not lose a resumed position.
     """
 
-    def __init__(self, data_path: str, split: str, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, data_path: str | Path, split: str, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, max_tokens: int = 4096, max_jets: int = 8,
                  mask_mode: str = "pretrain", drop_last: bool = True,
                  skip_corrupt_shards: bool = False, num_workers: int = 0):
@@ -78,7 +80,8 @@ class EventLoader:
         self.epoch, self.position = 0, 0
         self._plan: EpochPlan | None = None
         self._log_load()
-        self._current_plan()  # fails early on an event longer than max_tokens
+        # Cutting epoch 0 now raises at construction if an event is longer than max_tokens.
+        self._current_plan()
 
     @classmethod
     def from_config(cls, config: DataConfig, split: str, **kwargs: Any) -> "EventLoader":
@@ -168,20 +171,28 @@ class EventLoader:
 
     def _produce(self, plan: EpochPlan, local: np.ndarray) -> Iterator[PackedBatch]:
         if self.num_workers == 0:
-            return (self.make_batch(plan, int(batch)) for batch in local)
-        dataset = _WorkerBatches(self, plan, local)
-        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                               collate_fn=_identity, multiprocessing_context=context))
+            parts = (self.gather_batch(plan, int(batch)) for batch in local)
+        else:
+            dataset = _WorkerBatches(self, plan, local)
+            context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            parts = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                    collate_fn=_identity, multiprocessing_context=context))
+        return (pack_events(events, mask) for events, mask in parts)
 
-    def make_batch(self, plan: EpochPlan, batch: int) -> PackedBatch:
-        """Build global batch ``batch`` of ``plan``; ``EMPTY_BATCH`` gives an empty batch."""
+    def gather_batch(self, plan: EpochPlan, batch: int) -> tuple[EventBlock, np.ndarray]:
+        """Gather the events of global batch ``batch`` of ``plan`` and draw their (T,) mask.
+
+        ``EMPTY_BATCH`` gives a block with no events. Workers return these numpy arrays, which
+        cross the process boundary as one pickled buffer each, and the rank's main process
+        wraps them in tensors with ``pack_events`` without copying.
+        """
         if batch == EMPTY_BATCH:
-            return PackedBatch.empty()
-        events = gather_events(self.store.events, plan.batch_rows(batch))
-        return pack_events(events, self._draw_mask(events, plan.epoch))
+            events = gather_events(self.store.events, np.zeros(0, dtype=np.int64))
+        else:
+            events = gather_events(self.store.events, plan.batch_rows(batch))
+        return events, self._draw_mask(events, plan.epoch)
 
-    def _draw_mask(self, events, epoch: int) -> np.ndarray:
+    def _draw_mask(self, events: EventBlock, epoch: int) -> np.ndarray:
         if self.mask_mode == "pretrain":
             return masking.draw_mask(events.event_id, events.offsets, events.level, self.seed, epoch)
         if self.mask_mode == "gen":
@@ -213,28 +224,30 @@ class EventLoader:
     def _log_epoch(self, plan: EpochPlan) -> None:
         if self.rank != 0:
             return
-        logger.info("epoch %d of split %s: %d events in %d batches, %d batches per rank on %d "
-                    "ranks; dropped %d batches holding %d events; padded with %d empty batches",
-                    plan.epoch, self.split, plan.order.size, plan.num_batches,
-                    plan.batches_per_rank, plan.world_size, plan.dropped_batches,
-                    plan.dropped_events, plan.padding_batches)
+        # An epoch with no batch per rank would end a training loop at once, so it is a warning.
+        level = logging.WARNING if plan.batches_per_rank == 0 else logging.INFO
+        logger.log(level, "epoch %d of split %s: %d events in %d batches, %d batches per rank on "
+                   "%d ranks; dropped %d batches holding %d events; padded with %d empty batches",
+                   plan.epoch, self.split, plan.order.size, plan.num_batches,
+                   plan.batches_per_rank, plan.world_size, plan.dropped_batches,
+                   plan.dropped_events, plan.padding_batches)
 
 
 class _WorkerBatches(IterableDataset):
-    """The local batches of one rank, split among DataLoader workers."""
+    """The local batches of one rank, split among DataLoader workers, as numpy arrays."""
 
     def __init__(self, loader: EventLoader, plan: EpochPlan, local: np.ndarray):
         self.loader, self.plan, self.local = loader, plan, local
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def __iter__(self) -> Iterator[tuple[EventBlock, np.ndarray]]:
         info = get_worker_info()
         share = self.local if info is None else worker_share(self.local, info.id, info.num_workers)
         for batch in share:
-            yield self.loader.make_batch(self.plan, int(batch))
+            yield self.loader.gather_batch(self.plan, int(batch))
 
 
-def _identity(batch: PackedBatch) -> PackedBatch:
-    return batch
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _check_arguments(rank: int, world_size: int, max_tokens: int, max_jets: int,

@@ -1,6 +1,6 @@
 """Packed, unpadded batches: the events of a batch concatenated into one token stream.
 
-Shapes: E events, T packed tokens, F = 5 particle features. A batch holds no padding: event i owns
+Shapes: E events, T packed tokens, F = 5 particle features. A batch contains no padding: event i owns
 tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``, the layout that unpadded attention kernels take.
 Batches are cut greedily to a token budget in the order the events come, and an event is never
 split across two batches.
@@ -104,7 +104,7 @@ def pack_events(block: EventBlock, mask: np.ndarray,
     if pdg_index is None:
         pdg_index = pdg_to_index(block.pdg_id)
     lengths = block.lengths()
-    # Offsets are int64 in blocks; a batch holds far fewer than 2**31 tokens, so int32 is exact.
+    # Offsets are int64 in blocks, but a batch has far fewer than 2**31 tokens, so int32 is exact.
     cu_seqlens = block.offsets.astype(np.int32)
     return PackedBatch(
         features=torch.from_numpy(np.ascontiguousarray(block.features, dtype=np.float32)),
@@ -157,7 +157,7 @@ def plan_batches(lengths: np.ndarray, max_tokens: int,
     """Cut events, in the given order, greedily into batches of at most ``max_tokens`` tokens.
 
     ``lengths`` (E,) are token counts in loader order. Returns (B + 1,) int64 boundaries: batch b
-    holds events ``bounds[b]:bounds[b + 1]`` of that order. A batch is closed when the next event
+    contains events ``bounds[b]:bounds[b + 1]`` of that order. A batch is closed when the next event
     would pass the budget, so no batch is empty and no event is split. An event longer than
     ``max_tokens`` raises EventTooLongError naming it (by ``event_id`` when given).
     """
@@ -175,7 +175,7 @@ def plan_batches(lengths: np.ndarray, max_tokens: int,
     cumulative = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=cumulative[1:])
     bounds = [0]
-    # One searchsorted per batch, not per event: a batch holds hundreds of events.
+    # One searchsorted per batch, not per event, because a batch contains hundreds of events.
     while bounds[-1] < lengths.size:
         start = bounds[-1]
         end = int(np.searchsorted(cumulative, cumulative[start] + max_tokens, side="right")) - 1

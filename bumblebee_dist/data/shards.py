@@ -5,12 +5,15 @@ together form one ``EventBlock``. Shards are read as a stream with ``tarfile`` (
 every member is decoded with ``np.load(allow_pickle=False)``, so nothing in a shard is ever
 unpickled or executed. The writer lives in ``data_prep``; this module only reads and validates.
 
-A shard counts as corrupt when it cannot be read as a tar, a member is truncated, a key repeats
-after another key started (interleaved samples), a member has an unexpected or pickle-based
-extension, a block breaks the block format, or its event count or SHA-256 differs from the
-manifest. Strict readers raise ``ShardError`` naming the shard and the member; tolerant readers
-skip the whole shard, log one warning for it and count it, so a shard contributes all its events
-or none.
+A shard is corrupt in any of these cases:
+
+- it cannot be read as a tar, or a member is truncated;
+- a key repeats after another key started (interleaved samples);
+- a member has an unexpected or pickle-based extension, or a block breaks the block format;
+- its event count or SHA-256 differs from the manifest.
+
+Strict readers raise ``ShardError`` naming the shard and the member. Tolerant readers skip the
+whole shard, log one warning for it and count it, so a shard contributes all its events or none.
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ def read_manifest(path: str | Path) -> Manifest:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} not found; a data set folder holds {MANIFEST_NAME}")
+        raise FileNotFoundError(
+            f"manifest {path} not found; pass a data set folder that contains {MANIFEST_NAME}"
+        )
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -313,7 +318,7 @@ def read_shard(path: str | Path, *, events: int | None = None,
     blocks = list(iter_shard_blocks(path, sha256=sha256))
     found = sum(block.num_events for block in blocks)
     if events is not None and found != events:
-        raise ShardError(f"shard {path}: holds {found} events, the manifest lists {events}")
+        raise ShardError(f"shard {path}: contains {found} events, the manifest lists {events}")
     return blocks
 
 
@@ -335,8 +340,9 @@ def read_shards(manifest: Manifest, entries: list[ShardEntry], *,
     """Read the listed shards in order.
 
     Strict (``skip_corrupt=False``): the first corrupt or missing shard raises ShardError or
-    FileNotFoundError. Tolerant: each corrupt or missing shard is skipped whole, logged once as a
-    warning and counted in ``ShardReadResult.skipped``; every block of the other shards is kept.
+    FileNotFoundError. Tolerant: each corrupt or missing shard is skipped whole and logged once as
+    a warning. It is listed in ``ShardReadResult.skipped``, and every block of the other shards
+    is kept.
     """
     blocks: list[EventBlock] = []
     skipped: list[str] = []

@@ -1,6 +1,6 @@
 """A split held in memory, preprocessed once: jet cap applied, features in model space.
 
-Every rank (and, through fork, every loader worker) holds the whole split as one ``EventBlock``.
+Every rank (and, through fork, every loader worker) keeps the whole split as one ``EventBlock``.
 It costs 25 bytes per token (20 for features, 4 for the PDG id, 1 for the level) and 25 bytes
 per event, so about 0.43 kB per event of 16 tokens: 7M events take about 3 GB per rank process, and about twice that at the peak of loading, when the preprocessed
 shards are concatenated. Shards are preprocessed one at a time, so the float64 intermediates of
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class EventStore:
         return self.events.num_events
 
 
-def load_split(data_path: str, split: str, *, max_jets: int,
+def load_split(data_path: str | Path, split: str, *, max_jets: int,
                skip_corrupt_shards: bool = False) -> EventStore:
     """Read every shard of ``split``, cap the jets and convert the features to model space.
 

@@ -132,7 +132,7 @@ def test_resume_continues_with_next_batch(make_dataset, num_workers):
 
     resumed = EventLoader(root, "train", num_workers=num_workers, **options)
     resumed.load_state_dict(state)
-    resumed.set_epoch(0)  # a training loop calls this; it keeps the position
+    resumed.set_epoch(0)  # A training loop calls this, and it keeps the position.
     after = list(resumed)
     assert _same_batches(before + after, reference)
     assert torch.equal(after[0].event_id, reference[13].event_id)

@@ -115,7 +115,7 @@ def test_cut_between_members_fails_event_count(make_dataset):
     with tarfile.open(path) as tar:
         ninth = tar.getmembers()[8]  # first member of the second block
     path.write_bytes(path.read_bytes()[: ninth.offset])
-    with pytest.raises(ShardError, match="holds 10 events, the manifest lists 30"):
+    with pytest.raises(ShardError, match="contains 10 events, the manifest lists 30"):
         read_shard(path, events=30)
 
 
