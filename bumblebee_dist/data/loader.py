@@ -117,7 +117,11 @@ class EventLoader:
         return self._build_plan(epoch)
 
     def __len__(self) -> int:
-        """Batches this rank takes in the current epoch, the same on every rank."""
+        """Return the batches this rank takes in the current epoch, the same on every rank.
+
+        The count can differ by a few batches between epochs, because the greedy cut depends on
+        the epoch's order.
+        """
         return self._current_plan().batches_per_rank
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,7 +132,11 @@ class EventLoader:
             self.epoch, self.position, self._plan = epoch, 0, None
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the epoch, the batches already taken in it, and the settings they depend on."""
+        """Return the epoch, the batches already yielded in it, and the settings they depend on.
+
+        Called inside the loop, the position counts the batch being processed as taken, so a
+        checkpoint written after a step resumes with the next batch.
+        """
         state = {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position}
         state.update({key: self._setting(key) for key in _STATE_KEYS})
         return state
@@ -182,9 +190,9 @@ class EventLoader:
     def gather_batch(self, plan: EpochPlan, batch: int) -> tuple[EventBlock, np.ndarray]:
         """Gather the events of global batch ``batch`` of ``plan`` and draw their (T,) mask.
 
-        ``EMPTY_BATCH`` gives a block with no events. Workers return these numpy arrays, which
-        cross the process boundary as one pickled buffer each, and the rank's main process
-        wraps them in tensors with ``pack_events`` without copying.
+        ``EMPTY_BATCH`` gives a block with no events. Workers return these numpy arrays rather
+        than tensors, because ten small tensors per batch in shared memory cost more than one
+        pickled copy. The rank's main process wraps them in tensors with ``pack_events``.
         """
         if batch == EMPTY_BATCH:
             events = gather_events(self.store.events, np.zeros(0, dtype=np.int64))
@@ -194,7 +202,8 @@ class EventLoader:
 
     def _draw_mask(self, events: EventBlock, epoch: int) -> np.ndarray:
         if self.mask_mode == "pretrain":
-            return masking.draw_mask(events.event_id, events.offsets, events.level, self.seed, epoch)
+            return masking.draw_mask(events.event_id, events.offsets, events.level, self.seed,
+                                     epoch)
         if self.mask_mode == "gen":
             return events.level == LEVEL_GEN
         return np.zeros(events.num_tokens, dtype=bool)

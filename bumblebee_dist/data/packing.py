@@ -1,7 +1,7 @@
 """Packed, unpadded batches: the events of a batch concatenated into one token stream.
 
-Shapes: E events, T packed tokens, F = 5 particle features. A batch contains no padding: event i owns
-tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``, the layout that unpadded attention kernels take.
+Shapes: E events, T packed tokens, F = 5 particle features. A batch contains no padding: event i
+owns tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``, the layout that unpadded attention kernels take.
 Batches are cut greedily to a token budget in the order the events come, and an event is never
 split across two batches.
 """
@@ -96,7 +96,8 @@ def pack_events(block: EventBlock, mask: np.ndarray,
 
     ``block.features`` must already be in model space. ``mask`` is (T,) bool. ``pdg_index``
     (T,) may be passed when precomputed; otherwise it is looked up from ``block.pdg_id``.
-    Raises ValueError when the mask does not match the token count.
+    Tensors share memory with the block's arrays where the dtype already matches (features,
+    mask, per-event columns). Raises ValueError when the mask does not match the token count.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (block.num_tokens,):

@@ -233,7 +233,8 @@ def _check_suffix(shard: Path, member: str, suffix: str) -> None:
         )
 
 
-def _iter_member_groups(tar: tarfile.TarFile, shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _iter_member_groups(tar: tarfile.TarFile,
+                        shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {suffix: bytes}) per sample; members of a key must be adjacent."""
     seen_keys: set[str] = set()
     key, members, last_member = None, {}, None
@@ -296,7 +297,8 @@ def iter_shard_blocks(path: str | Path, *, sha256: str | None = None) -> Iterato
         reader.drain()
     if sha256 is not None and reader.digest.hexdigest() != sha256:
         raise ShardError(
-            f"shard {path}: SHA-256 {reader.digest.hexdigest()} differs from the manifest's {sha256}"
+            f"shard {path}: SHA-256 {reader.digest.hexdigest()} differs from the expected "
+            f"{sha256} of the manifest"
         )
 
 

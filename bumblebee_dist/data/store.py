@@ -2,8 +2,8 @@
 
 Every rank (and, through fork, every loader worker) keeps the whole split as one ``EventBlock``.
 It costs 25 bytes per token (20 for features, 4 for the PDG id, 1 for the level) and 25 bytes
-per event, so about 0.43 kB per event of 16 tokens: 7M events take about 3 GB per rank process, and about twice that at the peak of loading, when the preprocessed
-shards are concatenated. Shards are preprocessed one at a time, so the float64 intermediates of
+per event, so about 0.43 kB per event of 16 tokens: 7M events take about 3 GB per rank process,
+and about twice that at the peak of loading, when the preprocessed shards are concatenated. Shards are preprocessed one at a time, so the float64 intermediates of
 the feature transform never exceed one shard.
 
 NOTE: past a few GB per rank this design needs a change: read only the shards a rank needs
