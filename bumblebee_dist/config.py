@@ -93,8 +93,11 @@ class TrainConfig:
     epochs: int = 1  # passes over the training split
     max_steps: int = 0  # optimizer steps; 0 means run all epochs
     lr: float = 3e-4  # peak learning rate of AdamW
-    weight_decay: float = 0.01
-    warmup_steps: int = 20  # linear warmup, then cosine decay to 10 % of peak
+    weight_decay: float = 0.01  # AdamW weight decay, applied to weight matrices only
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio of peak
+    min_lr_ratio: float = 0.1  # learning rate at the last step, as a fraction of train.lr
     grad_clip: float = 1.0  # global gradient norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
@@ -102,12 +105,22 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between log lines
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0 means only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    val_every: int = 100  # optimizer steps between validation passes; 0 means only at the end
+    val_max_batches: int = 0  # validation batches per rank and pass; 0 means the whole split
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"train.{name}", value, "must lie in [0, 1)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
+               "must lie in [0, 1]")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", self.precision,
@@ -115,6 +128,8 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.val_every >= 0, "train.val_every", self.val_every, "must be >= 0")
+        _check(self.val_max_batches >= 0, "train.val_max_batches", self.val_max_batches, "must be >= 0")
 
 
 @dataclass
@@ -135,13 +150,20 @@ class TrackingConfig:
     """MLflow store and naming."""
 
     uri: str = ""  # MLflow tracking URI; "" means sqlite:///<run_dir>/../mlflow.db
+    artifact_dir: str = ""  # artifact folder of new experiments; "" means mlartifacts beside the store
     experiment: str = "bumblebee"
     run_name: str = ""  # "" lets MLflow choose
     registered_model: str = ""  # name to register the exported model under; "" skips registering
+    # Aliases set on the newly registered version, comma-separated; "auto" sets "champion" when the
+    # model has no champion yet and "challenger" otherwise.
+    aliases: str = "auto"
+    enabled: bool = True  # false: no MLflow calls at all
+    retries: int = 6  # attempts per MLflow call before a tracking failure is logged and skipped
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "must not be empty")
+        _check(self.retries >= 1, "tracking.retries", self.retries, "must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,251 @@
+"""Crash-safe DeepSpeed checkpoints with the training state needed to resume exactly.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step_00000050/          DeepSpeed files (model, optimizer partitions) + complete.json
+    step_00000100/
+    latest                  tag of the newest complete checkpoint (DeepSpeed's convention)
+
+A save goes to ``.tmp-step_<n>`` first. Only after every rank has written its files does rank 0
+write ``complete.json`` (step, world size, ZeRO stage) into it and rename the folder to its
+final name, so a crash during a save leaves a temporary folder that resume ignores and the next
+save removes, never a half-written checkpoint under a final name. Older complete checkpoints
+beyond ``train.keep_checkpoints`` are removed after the rename.
+
+``client_state`` carries what DeepSpeed does not: step, epoch, counters, the loader position
+and the Python, NumPy and torch RNG states. Loader positions and RNG states are gathered from
+every rank into lists indexed by rank, so each rank restores its own.
+
+A checkpoint resumes only on the world size it was saved with: ZeRO partitions the optimizer
+state by rank, and loading it on another world size would silently mismatch it.
+
+NOTE: on several nodes the checkpoint folder must be on a file system every node shares,
+because rank 0 alone renames and prunes folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+TAG_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+MARKER = "complete.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed; the message names the checkpoint and the fix."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    """Folder holding the checkpoints of a run."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def tag_for(step: int) -> str:
+    """Checkpoint folder name of a step; zero-padded so names sort by step."""
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """Return the ``complete.json`` content of a checkpoint folder, or None if it is incomplete."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def list_complete(root: str | Path) -> list[tuple[int, Path]]:
+    """Return (step, folder) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith(TAG_PREFIX):
+            marker = read_marker(path)
+            if marker is not None:
+                found.append((int(marker["step"]), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """Turn ``--resume`` into a checkpoint folder, or None to start from scratch.
+
+    ``auto``: the newest complete checkpoint of the run, or None when there is none. ``none``:
+    None. Anything else is a path: a checkpoint folder, or a folder of checkpoints whose newest
+    complete one is taken; a path without a complete checkpoint is an error.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        complete = list_complete(checkpoint_root(run_dir))
+        return complete[-1][1] if complete else None
+    path = Path(resume)
+    if read_marker(path) is not None:
+        return path
+    complete = list_complete(path)
+    if not complete:
+        raise CheckpointError(
+            f"--resume {resume}: no complete checkpoint there (a complete one holds {MARKER}); "
+            f"pass a checkpoint folder such as {checkpoint_root(run_dir) / tag_for(100)}, "
+            "'auto' or 'none'")
+    return complete[-1][1]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of Python, NumPy and torch (and CUDA when present) of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the RNG states captured by ``capture_rng_state``."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Collect one picklable value from every rank into a list indexed by rank (collective)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any],
+                    *, keep: int, per_rank: dict[str, Any] | None = None) -> Path:
+    """Save a complete checkpoint of ``engine`` at ``step`` on every rank (collective).
+
+    ``client_state`` is stored as is; ``per_rank`` values are gathered from all ranks and stored
+    as lists indexed by rank. Returns the final checkpoint folder.
+    """
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    tmp_tag = TMP_PREFIX + tag
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    gathered = {key: gather_from_ranks(value) for key, value in (per_rank or {}).items()}
+    state = dict(client_state, per_rank=gathered, world_size=_world_size(), step=step)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
+    _barrier()
+    if _rank() == 0:
+        _complete(root, tmp_tag, tag, step, engine)
+        prune_checkpoints(root, keep)
+    _barrier()
+    return root / tag
+
+
+def _complete(root: Path, tmp_tag: str, tag: str, step: int, engine: Any) -> None:
+    """Mark the temporary folder complete, rename it to its final name and update ``latest``."""
+    marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": _world_size(),
+              "zero_stage": int(engine.zero_optimization_stage())}
+    _write_atomic(root / tmp_tag / MARKER, json.dumps(marker, indent=2) + "\n")
+    final = root / tag
+    if final.exists():
+        # A second save of the same step (for example the end-of-run save after a periodic one).
+        shutil.rmtree(final)
+    os.replace(root / tmp_tag, final)
+    _write_atomic(root / "latest", tag)
+    _fsync_dir(root)
+    LOG.info("checkpoint saved: %s", final)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and stale temporary folders."""
+    root = Path(root)
+    complete = list_complete(root)
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+        LOG.info("checkpoint removed (keeping the newest %d): %s", keep, path)
+    for path in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_world_size(path: Path, world_size: int) -> dict[str, Any]:
+    """Return the checkpoint's marker; raise CheckpointError if it was saved on another world size."""
+    marker = read_marker(path)
+    if marker is None:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MARKER}")
+    saved = int(marker["world_size"])
+    if saved != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with world size {saved}, but this job has world size "
+            f"{world_size}; ZeRO optimizer state is partitioned by rank and cannot be loaded on "
+            f"another world size. Resume with {saved} ranks, or start a new run from the weights "
+            "alone (--resume none with finetune.pretrained or an exported model)")
+    return marker
+
+
+def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+    """Load a complete checkpoint into ``engine`` on every rank; return this rank's client state.
+
+    Values saved through ``per_rank`` come back as this rank's entry. Raises CheckpointError for
+    an incomplete checkpoint or a different world size.
+    """
+    path = Path(path)
+    check_world_size(path, _world_size())
+    load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    if load_path is None or state is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {path}; see its log above")
+    rank = _rank()
+    for key, values in state.pop("per_rank", {}).items():
+        state[key] = values[rank]
+    LOG.debug("rank %d loaded checkpoint %s at step %s", rank, path, state.get("step"))
+    return state

@@ -1,0 +1,42 @@
+"""Fine-tune the encoder for event classification under DeepSpeed.
+
+    deepspeed --num_gpus 8 launch/finetune.py --config configs/finetune.yaml \
+        data.path=runs/demo/data train.run_dir=runs/demo/finetune \
+        finetune.task=toponium finetune.pretrained=models:/bumblebee-pretrained@champion
+
+On a machine without GPUs, prefix ``DS_ACCELERATOR=cpu`` and pass ``--num_gpus 2`` for two
+CPU ranks over gloo. Everything else lives in ``bumblebee_dist.finetune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bumblebee_dist.config import load_config
+from bumblebee_dist.finetune import run_finetuning
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; overrides may come before or after the options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML or JSON config file")
+    parser.add_argument("--preset", help="model preset: paper, small or tiny")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: newest complete checkpoint in train.run_dir (default); "
+                             "none: start fresh; or a checkpoint folder")
+    parser.add_argument("--local_rank", type=int, default=None,
+                        help="set by the deepspeed launcher; ranks are read from the environment")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, applied after the file")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the config and run the fine-tuning job."""
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    run_finetuning(config, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
