@@ -21,9 +21,9 @@ module. pT and E in GeV; resolutions are one standard deviation.
 Differences from the card, each a simplification of this parametric model:
 
 - Energy flow is built per particle, not from calorimeter towers. A tracked charged particle
-  enters as its smeared track; photons and untracked electrons enter as ECAL deposits, neutral
-  hadrons and untracked charged hadrons as HCAL deposits, each smeared with the card's tower
-  resolution and cut at the tower threshold. Tower granularity, the energy-significance cut and
+  enters as its smeared track. Photons and untracked electrons enter as ECAL deposits, neutral
+  hadrons and untracked charged hadrons as HCAL deposits. Each deposit is smeared with the
+  card's tower resolution and cut at the tower threshold. Tower granularity, the energy-significance cut and
   the split of K0_S and Lambda deposits are not modelled (Pythia decays K0_S and Lambda anyway).
   An untracked muon is lost.
 - Jets use R = 0.4 (the card uses 0.5) and are clustered without the isolated leptons, which is
@@ -364,7 +364,8 @@ def reconstruct_jets(flow: EnergyFlow, isolated: np.ndarray, batch: ParticleBatc
                      rng: np.random.Generator, config: DetectorConfig) -> tuple[Objects, int]:
     """Cluster the energy flow without isolated leptons, calibrate and b-tag the jets.
 
-    Returns the jets and the number of jets dropped as spacelike (not expected; counted).
+    Returns the jets and the number of jets dropped as spacelike, which is not expected from a
+    sum of physical four-vectors but is counted rather than hidden.
     """
     inputs = np.ones(flow.event.size, dtype=bool)
     inputs[isolated] = False

@@ -15,13 +15,20 @@ from typing import Iterator
 import numpy as np
 
 from bumblebee_dist.data.block import EventBlock
-from data_prep.detector import DetectorConfig, simulate
+from data_prep.detector import (
+    DetectorConfig,
+    RecoEvents,
+    build_energy_flow,
+    missing_momentum,
+    reconstruct_jets,
+    reconstruct_leptons,
+)
 from data_prep.generate import ParticleBatch, generate_batches, get_sample, pythia_seed
 from data_prep.records import DEFAULT_MAX_JETS, build_block
 from data_prep.selection import CutFlow, SelectionConfig, select
 from data_prep.truth import GenObjects, find_gen_objects, ttbar_mass
 
-STAGES = ("generation", "truth", "detector", "selection", "records")
+STAGES = ("generation", "truth", "detector", "clustering", "selection", "records")
 
 
 @dataclass
@@ -68,9 +75,15 @@ def shard_blocks(sample: str, dataset_seed: int, shard_index: int, n_events: int
         m_ttbar = ttbar_mass(batch, gen)
         gen_ok = gen.complete & _finite_gen(batch, gen)
         clock = _lap(stats, "truth", clock)
-        reco = simulate(batch, rng, config.detector)
-        stats.dropped_nonfinite += reco.dropped_nonfinite
+        flow, dropped = build_energy_flow(batch, rng, config.detector)
+        leptons, isolated = reconstruct_leptons(flow, batch.num_events, rng, config.detector)
+        met, met_phi = missing_momentum(flow, batch.num_events)
+        stats.dropped_nonfinite += dropped
         clock = _lap(stats, "detector", clock)
+        jets, _ = reconstruct_jets(flow, isolated, batch, rng, config.detector)
+        reco = RecoEvents(leptons=leptons, jets=jets, met=met, met_phi=met_phi,
+                          dropped_nonfinite=dropped)
+        clock = _lap(stats, "clustering", clock)
         selected = select(reco, gen_ok, config.selection)
         stats.cut_flow.add(selected.cut_flow)
         clock = _lap(stats, "selection", clock)
