@@ -11,9 +11,9 @@ mask would turn it into NaN, and so would a ``where`` placed after the square, w
 multiplies the NaN by 0.
 
 The Triton kernel computes the same function and, in the same pass, the gradient 2 * diff. The
-backward pass only scales that gradient by grad_output / normalizer. Its phi wrap rounds half up where the
-reference rounds half to even, which differs only at a difference of exactly an odd multiple of
-pi, where both squared errors are equal.
+backward pass only scales that gradient by grad_output / normalizer. Its phi wrap rounds half up
+where the reference rounds half to even. The two differ only at a difference of exactly an odd
+multiple of pi, where both squared errors are equal.
 """
 
 from __future__ import annotations
