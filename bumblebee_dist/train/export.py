@@ -55,7 +55,9 @@ def _full_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
             return safe_get_full_fp32_param(parameter).detach().float().cpu()
         with zero.GatheredParameters([parameter], modifier_rank=None):
             return parameter.detach().float().cpu().clone()
-    if getattr(parameter, "_hp_mapping", None) is not None:  # ZeRO-1/2 or bf16 master weights
+    # ZeRO-1/2 or bf16 master weights. The attribute exists on every rank, but it is None on a
+    # rank that holds no fragment of the parameter, and that rank must still join the all-reduce.
+    if parameter.requires_grad and hasattr(parameter, "_hp_mapping"):
         return safe_get_full_fp32_param(parameter).detach().float().cpu()
     return parameter.detach().float().cpu().clone()
 

@@ -273,7 +273,7 @@ class Trainer:
         grad_norm = self._grad_norm()
         if nonfinite:
             return StepResult(None, None, lr, int(events), int(tokens),
-                              f"non-finite loss on {int(nonfinite)} ranks")
+                              f"non-finite loss on {int(nonfinite)} of {self.dist.world_size} ranks")
         return StepResult(loss, grad_norm, lr, int(events), int(tokens))
 
     @staticmethod
