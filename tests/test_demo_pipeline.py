@@ -1,0 +1,46 @@
+"""The whole demo chain on a tiny data set: real Pythia, Ray, DeepSpeed and MLflow."""
+
+import json
+
+import mlflow
+import pytest
+
+from bumblebee_dist.pipeline import FINETUNED_MODEL, PRETRAINED_MODEL, DemoSettings, run_demo
+
+
+@pytest.mark.slow
+def test_demo_chain_end_to_end(tmp_path, capsys):
+    settings = DemoSettings(out=str(tmp_path / "demo"), ttbar_events=1200, eta_t_events=900,
+                            events_per_shard=300, seed=5, preset="tiny", pretrain_epochs=2,
+                            finetune_epochs=2)
+    summary = run_demo(settings)
+
+    printed = capsys.readouterr().out
+    assert "bumblebee-dist demo summary" in printed
+    assert "MLP on reco features" in printed
+    samples = {row["sample"]: row for row in summary["samples"]}
+    assert samples["ttbar"]["generated"] == 1200
+    assert samples["eta_t"]["generated"] == 900
+    assert 0 < samples["ttbar"]["selected"] < 1200
+    assert summary["pretrain"]["steps"] > 0
+    assert summary["finetune"]["steps"] > 0
+    assert summary["pretrain"]["first_loss"] is not None
+    models = summary["classification"]["models"]
+    assert set(models) == {"bumblebee (fine-tuned)", "MLP on reco features"}
+    for result in models.values():
+        assert 0.0 <= result["auroc"] <= 1.0
+        assert result["num_events"] > 0
+    assert summary["reconstruction"]["mttbar_relative"]["num_events"] > 0
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert saved["pretrain"] == summary["pretrain"]
+    for name in ("roc_toponium.png", "scores_toponium.png", "reconstruction_residuals.png"):
+        assert (tmp_path / "demo" / "evaluation" / name).stat().st_size > 1000
+
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    for name in (PRETRAINED_MODEL, FINETUNED_MODEL):
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+    # A second start finds every step complete and changes nothing.
+    again = run_demo(settings)
+    assert again["pretrain"] == summary["pretrain"]
+    assert again["classification"] == summary["classification"]
