@@ -3,7 +3,7 @@
 Input of each event: reco particles visible, gen particles all masked (loader ``mask_mode="gen"``),
 and one class token appended after the event's last token: PDG id ``tokens.CLASS_TOKEN_PDG``,
 level reco, mask 1, so its particle vector is never seen. Its target, in model space, is
-(1, 0, 0, 0, 0) for signal and all zeros for background; the classifier score of an event is the
+(1, 0, 0, 0, 0) for signal and all zeros for background. The classifier score of an event is the
 first component of the model's prediction for its class token.
 
 Loss: the masked MSE of ``kernels.masked_mse`` over class tokens only, normalized by the global
@@ -43,7 +43,7 @@ CLASS_TOKEN_INDEX = int(pdg_to_index(np.array([CLASS_TOKEN_PDG]))[0])
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Which events a task keeps and which of them are signal."""
+    """Event selection of a fine-tuning task and its signal definition."""
 
     name: str
     signal_samples: tuple[str, ...]
@@ -132,8 +132,8 @@ def class_token_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def append_class_tokens(batch: PackedBatch, labels: torch.Tensor) -> StepInputs:
     """Append one masked class token per event; its target is ``labels`` (E,) in slot 0.
 
-    Token t of event e moves to row t + e (every earlier event gained one token); the class
-    token of event e takes the last row of the event.
+    Token t of event e moves to row t + e, because each earlier event gained one token. The
+    class token of event e takes the last row of the event.
     """
     num_events, num_tokens = batch.num_events, batch.num_tokens
     lengths = torch.diff(batch.cu_seqlens.long())

@@ -7,9 +7,9 @@ unless another host is passed explicitly.
 
 Guarantees of ``Tracker``:
 
-- one MLflow run per training job, also across resumes: the run id is stored in each checkpoint
-  and a resumed job reopens that run, tags it ``resumed_from_step``, and skips metric points
-  whose step the run already holds, so the run keeps one value per step;
+- one MLflow run per training job, also across resumes. The run id is stored in each
+  checkpoint, and a resumed job reopens that run and tags it ``resumed_from_step``. It skips
+  metric points whose step the run already contains, so the run keeps one value per step;
 - jobs that start together against a fresh SQLite store all succeed: store creation and
   experiment creation run under a file lock beside the database, and every MLflow call is
   retried with exponential backoff on transient errors such as ``database is locked``;
@@ -96,7 +96,7 @@ def _is_transient(error: Exception) -> bool:
     return getattr(error, "error_code", None) not in _PERMANENT_CODES
 
 
-def retry(action: Callable[[], T], what: str, attempts: int, base_delay: float = 0.2) -> T:
+def retry(action: Callable[[], T], description: str, attempts: int, base_delay: float = 0.2) -> T:
     """Call ``action`` up to ``attempts`` times, sleeping with jittered exponential backoff.
 
     Errors MLflow marks as permanent (an invalid value, a missing resource) are raised at once.
@@ -110,7 +110,7 @@ def retry(action: Callable[[], T], what: str, attempts: int, base_delay: float =
                 raise
             delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
             LOG.info("MLflow %s failed (%s: %s); retry %d of %d in %.2f s",
-                     what, type(error).__name__, str(error).splitlines()[0][:200], attempt,
+                     description, type(error).__name__, str(error).splitlines()[0][:200], attempt,
                      attempts - 1, delay)
             time.sleep(delay)
             attempt += 1
@@ -121,7 +121,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
     """Hold an exclusive file lock beside a SQLite store; do nothing for other stores.
 
     MLflow creates the schema of a fresh SQLite file on first use, and two processes doing that
-    at once can fail; the lock makes them take turns on one machine.
+    at once can fail. The lock makes them take turns on one machine.
     """
     if not tracking_uri.startswith("sqlite:///"):
         yield
@@ -198,16 +198,16 @@ class Tracker:
         self._client = None
         self._stored_steps: dict[str, int] = {}
 
-    def _guard(self, what: str, action: Callable[[], T]) -> T | None:
+    def _guard(self, description: str, action: Callable[[], T]) -> T | None:
         if not self.active:
             return None
         try:
-            return retry(action, what, self.config.retries)
+            return retry(action, description, self.config.retries)
         except Exception as error:  # a tracking failure must not stop training
             self.failures += 1
             if self.failures <= _WARNINGS_SHOWN or self.failures % 100 == 0:
                 LOG.warning("MLflow %s failed after %d attempts, training continues "
-                            "(tracking failure %d of this job): %s: %s", what, self.config.retries,
+                            "(tracking failure %d of this job): %s: %s", description, self.config.retries,
                             self.failures, type(error).__name__, error)
             return None
 
@@ -261,7 +261,7 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log flattened params; keys the run already holds are kept (MLflow params are final)."""
+        """Log flattened params; keys the run already contains keep their value (MLflow params are final)."""
         from mlflow.entities import Param
 
         def log() -> None:
@@ -280,7 +280,7 @@ class Tracker:
             self._guard("log params", log)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log one point per metric at ``step``; steps the run already holds are skipped."""
+        """Log one point per metric at ``step``; steps the run already contains are skipped."""
         from mlflow.entities import Metric
 
         fresh = {k: float(v) for k, v in metrics.items() if step > self._stored_steps.get(k, -1)}
@@ -339,8 +339,8 @@ class ModelRegistry:
         self.attempts = attempts
         self.client = make_client(tracking_uri, attempts)
 
-    def _call(self, what: str, action: Callable[[], T]) -> T:
-        return retry(action, what, self.attempts)
+    def _call(self, description: str, action: Callable[[], T]) -> T:
+        return retry(action, description, self.attempts)
 
     def register(self, name: str, source: str, run_id: str | None = None,
                  aliases: str | list[str] = "auto") -> str:
@@ -397,13 +397,13 @@ class ModelRegistry:
                    lambda: self.client.delete_registered_model_alias(name, alias))
 
     def delete_version(self, name: str, version: str | int, force: bool = False) -> None:
-        """Delete a version; one that holds an alias needs ``force=True``, which drops its aliases."""
-        held = sorted(a for a, v in self.aliases(name).items() if v == str(version))
-        if held and not force:
+        """Delete a version; one that has an alias needs ``force=True``, which drops its aliases."""
+        version_aliases = sorted(a for a, v in self.aliases(name).items() if v == str(version))
+        if version_aliases and not force:
             raise TrackingError(
-                f"version {version} of {name!r} holds aliases {held}; move them to another "
+                f"version {version} of {name!r} has aliases {version_aliases}; move them to another "
                 "version (set_alias) first, or pass force=True to delete it with its aliases")
-        for alias in held:
+        for alias in version_aliases:
             self.delete_alias(name, alias)
         self._call(f"delete version {version} of {name!r}",
                    lambda: self.client.delete_model_version(name, str(version)))

@@ -8,8 +8,8 @@ Layout under ``<run_dir>/checkpoints``::
 
 A save goes to ``.tmp-step_<n>`` first. Only after every rank has written its files does rank 0
 write ``complete.json`` (step, world size, ZeRO stage) into it and rename the folder to its
-final name, so a crash during a save leaves a temporary folder that resume ignores and the next
-save removes, never a half-written checkpoint under a final name. Older complete checkpoints
+final name. A crash during a save therefore leaves a temporary folder, which resume ignores and
+the next save removes, and never a half-written checkpoint under a final name. Older complete checkpoints
 beyond ``train.keep_checkpoints`` are removed after the rename.
 
 ``client_state`` carries what DeepSpeed does not: step, epoch, counters, the loader position
@@ -89,7 +89,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
     ``auto``: the newest complete checkpoint of the run, or None when there is none. ``none``:
     None. Anything else is a path: a checkpoint folder, or a folder of checkpoints whose newest
-    complete one is taken; a path without a complete checkpoint is an error.
+    complete one is taken. A path without a complete checkpoint is an error.
     """
     if resume == "none":
         return None
@@ -102,7 +102,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     complete = list_complete(path)
     if not complete:
         raise CheckpointError(
-            f"--resume {resume}: no complete checkpoint there (a complete one holds {MARKER}); "
+            f"--resume {resume}: no complete checkpoint found (a complete one contains {MARKER}); "
             f"pass a checkpoint folder such as {checkpoint_root(run_dir) / tag_for(100)}, "
             "'auto' or 'none'")
     return complete[-1][1]

@@ -56,7 +56,7 @@ def select_backend() -> str:
 
 @dataclass
 class DistInfo:
-    """Where this process sits in the job."""
+    """Rank, world size and backend of this process."""
 
     rank: int
     world_size: int

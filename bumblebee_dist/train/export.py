@@ -1,6 +1,6 @@
 """Export a trained model as one plain fp32 safetensors file, from any ZeRO stage.
 
-An export folder holds ``model.safetensors`` (every key of the model's ``state_dict``, fp32,
+An export folder contains ``model.safetensors`` (every key of the model's ``state_dict``, fp32,
 full shapes) and ``config.json`` (the model config and what produced the weights). It loads into
 ``BumblebeeEncoder`` with ``load_exported`` and needs neither DeepSpeed nor pickle.
 
@@ -56,7 +56,7 @@ def _full_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
         with zero.GatheredParameters([parameter], modifier_rank=None):
             return parameter.detach().float().cpu().clone()
     # ZeRO-1/2 or bf16 master weights. The attribute exists on every rank, but it is None on a
-    # rank that holds no fragment of the parameter, and that rank must still join the all-reduce.
+    # rank that has no fragment of the parameter, and that rank must still join the all-reduce.
     if parameter.requires_grad and hasattr(parameter, "_hp_mapping"):
         return safe_get_full_fp32_param(parameter).detach().float().cpu()
     return parameter.detach().float().cpu().clone()
@@ -112,7 +112,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
                 f"parameter {name!r} has shape {got}, expected {shape}: {kind}. Gather it on "
                 "every rank (gather_fp32_state_dict) before exporting; nothing was written")
         if not torch.isfinite(state[name]).all():
-            raise ExportError(f"parameter {name!r} holds NaN or inf values; nothing was written")
+            raise ExportError(f"parameter {name!r} contains NaN or inf values; nothing was written")
 
 
 def write_export(state: Mapping[str, torch.Tensor], model_config: ModelConfig,
@@ -163,7 +163,7 @@ def _export_paths(path: str | Path) -> tuple[Path, Path]:
     for required in (weights, config):
         if not required.is_file():
             raise FileNotFoundError(
-                f"{required} not found; an export folder holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+                f"{required} not found; an export folder contains {WEIGHTS_NAME} and {CONFIG_NAME}")
     return weights, config
 
 

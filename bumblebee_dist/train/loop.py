@@ -5,8 +5,8 @@ rank. Before any forward pass, the ranks all-reduce the number of tokens that en
 N, over all micro-batches of the step. Each micro-batch loss is its sum of squared errors
 divided by N / world_size, and is back-propagated without DeepSpeed's 1 / grad_accum scaling.
 DeepSpeed averages gradients over ranks (a division by world_size), so the applied gradient is
-that of (sum of squared errors over the global batch) / N: the same as one process running the
-same events in one batch, whatever their split into ranks and micro-batches.
+that of (sum of squared errors over the global batch) / N. That is the gradient of one process
+running the same events in one batch, however they are split into ranks and micro-batches.
 
 Skipped steps. A step is skipped by every rank when the global N is 0 or an input feature is
 non-finite (decided before any forward pass), or when a loss is non-finite on any rank (decided
@@ -90,7 +90,7 @@ def asdict_shallow(inputs: StepInputs) -> dict[str, Any]:
 
 
 class Task(Protocol):
-    """What differs between pre-training and fine-tuning: loader masking and the loss target."""
+    """The parts that differ between pre-training and fine-tuning: loader masking and loss target."""
 
     name: str
     mask_mode: str  # EventLoader mask_mode
