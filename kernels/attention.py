@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 INT32_MAX = 2**31 - 1
 _PADDING_CONVENTION = (
@@ -185,3 +187,332 @@ def unpadded_attention_torch(
     key_padding_mask = padding_mask_from_cu_seqlens(cu_seqlens, max_seqlen)
     out_ESNH = padded_attention(*padded, key_padding_mask, check=False)
     return out_ESNH[event_T, position_T]
+
+
+# Triton kernels -----------------------------------------------------------------------------
+
+# One tile of BLOCK x BLOCK scores holds a whole event per head when BLOCK >= max_seqlen: with
+# 11 to 20 tokens per event, BLOCK = 32 (or 64 for up to 64 tokens) covers the longest event, so
+# a program reads q, k and v of its event once and the key loop runs once. Longer events take
+# several query programs, each looping over key blocks of _MAX_BLOCK tokens.
+_MIN_BLOCK = 16  # the smallest M, N and K that tl.dot accepts
+_MAX_BLOCK = 64
+# A masked score is -inf, but the running maximum starts finite: exp(-inf - m) is then 0 and
+# exp(m_old - m_new) never computes -inf - (-inf) = NaN.
+_NEG_LARGE = tl.constexpr(-1.0e30)
+# The widest head the kernels tile: a wider head would need a loop over the head dim.
+_MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _load_rows(base_ptr, rows, dims, row_ok, dim_ok, token_stride, dim_stride, ACC_DTYPE):
+    """Load a (rows, dims) tile of one head; rows outside the event and padded dims read 0."""
+    offsets = rows[:, None] * token_stride + dims[None, :] * dim_stride
+    tile = tl.load(base_ptr + offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return tile.to(ACC_DTYPE)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, lse_ptr,
+    num_tokens, head_dim,
+    q_token_stride, q_head_stride, q_dim_stride,
+    k_token_stride, k_head_stride, k_dim_stride,
+    v_token_stride, v_head_stride, v_dim_stride,
+    out_token_stride, out_head_stride,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One (event, head, query block): online softmax over the event's key blocks.
+
+    Writes the output rows and the log-sum-exp of each row's scores (lse, natural log), which
+    the backward pass uses to recompute the probabilities without a second softmax.
+    """
+    event = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    start = tl.load(cu_seqlens_ptr + event).to(tl.int64)
+    length = tl.load(cu_seqlens_ptr + event + 1).to(tl.int64) - start
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_H)
+    row_ok = rows < length
+    dim_ok = dims < head_dim
+    scale = 1.0 / tl.sqrt(tl.full((), head_dim, ACC_DTYPE))
+    q = _load_rows(q_ptr + start * q_token_stride + head * q_head_stride, rows, dims, row_ok,
+                   dim_ok, q_token_stride, q_dim_stride, ACC_DTYPE)
+    q = q * scale
+    row_max = tl.full((BLOCK_M,), _NEG_LARGE, ACC_DTYPE)
+    row_sum = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_H), ACC_DTYPE)
+    for key_start in range(0, length, BLOCK_N):
+        cols = key_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        k = _load_rows(k_ptr + start * k_token_stride + head * k_head_stride, cols, dims,
+                       col_ok, dim_ok, k_token_stride, k_dim_stride, ACC_DTYPE)
+        v = _load_rows(v_ptr + start * v_token_stride + head * v_head_stride, cols, dims,
+                       col_ok, dim_ok, v_token_stride, v_dim_stride, ACC_DTYPE)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        correction = tl.exp(row_max - new_max)
+        p = tl.exp(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION,
+                                                 out_dtype=ACC_DTYPE)
+        row_max = new_max
+    # Rows past the event end are never stored; the guard keeps them free of 0 / 0.
+    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / row_sum[:, None]
+    out_offsets = (start + rows)[:, None] * out_token_stride + head * out_head_stride + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    lse = row_max + tl.log(row_sum)
+    tl.store(lse_ptr + head * num_tokens + start + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _probabilities_and_score_grads(q_scaled, k, v, grad_out, lse, delta, row_ok, col_ok,
+                                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recompute p = softmax(q k^T * scale) from lse and return (p, dS = p * (dP - delta))."""
+    scores = tl.dot(q_scaled, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    p = tl.exp(scores - lse[:, None])
+    p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+    grad_p = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return p, p * (grad_p - delta[:, None])
+
+
+@triton.jit
+def _attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, cu_seqlens_ptr,
+    grad_q_ptr, grad_k_ptr, grad_v_ptr,
+    num_tokens, head_dim,
+    q_token_stride, q_head_stride, q_dim_stride,
+    k_token_stride, k_head_stride, k_dim_stride,
+    v_token_stride, v_head_stride, v_dim_stride,
+    grad_out_token_stride, grad_out_head_stride, grad_out_dim_stride,
+    out_token_stride, out_head_stride,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    WRITE_GRAD_Q: tl.constexpr,
+):
+    """One (event, head, key block): dK and dV summed over the event's query blocks.
+
+    With WRITE_GRAD_Q the event fits one key block, so this program sees every key of each
+    query row and also writes dQ; otherwise ``_attention_backward_q_kernel`` computes it.
+    ``out``, dQ, dK and dV share one contiguous (T, N, H) layout.
+    """
+    event = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    start = tl.load(cu_seqlens_ptr + event).to(tl.int64)
+    length = tl.load(cu_seqlens_ptr + event + 1).to(tl.int64) - start
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_H)
+    col_ok = cols < length
+    dim_ok = dims < head_dim
+    scale = 1.0 / tl.sqrt(tl.full((), head_dim, ACC_DTYPE))
+    k = _load_rows(k_ptr + start * k_token_stride + head * k_head_stride, cols, dims, col_ok,
+                   dim_ok, k_token_stride, k_dim_stride, ACC_DTYPE)
+    v = _load_rows(v_ptr + start * v_token_stride + head * v_head_stride, cols, dims, col_ok,
+                   dim_ok, v_token_stride, v_dim_stride, ACC_DTYPE)
+    out_base = start * out_token_stride + head * out_head_stride
+    grad_k = tl.zeros((BLOCK_N, BLOCK_H), ACC_DTYPE)
+    grad_v = tl.zeros((BLOCK_N, BLOCK_H), ACC_DTYPE)
+    for query_start in range(0, length, BLOCK_M):
+        rows = query_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        q = _load_rows(q_ptr + start * q_token_stride + head * q_head_stride, rows, dims,
+                       row_ok, dim_ok, q_token_stride, q_dim_stride, ACC_DTYPE) * scale
+        grad_out = _load_rows(
+            grad_out_ptr + start * grad_out_token_stride + head * grad_out_head_stride, rows,
+            dims, row_ok, dim_ok, grad_out_token_stride, grad_out_dim_stride, ACC_DTYPE)
+        out = _load_rows(out_ptr + out_base, rows, dims, row_ok, dim_ok, out_token_stride, 1,
+                         ACC_DTYPE)
+        lse = tl.load(lse_ptr + head * num_tokens + start + rows, mask=row_ok, other=0.0)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward term of each row.
+        delta = tl.sum(grad_out * out, axis=1)
+        p, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, row_ok,
+                                                        col_ok, ACC_DTYPE, DOT_PRECISION)
+        grad_v += tl.dot(tl.trans(p), grad_out, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+        grad_k += tl.dot(tl.trans(grad_scores), q, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+        if WRITE_GRAD_Q:
+            grad_q = tl.dot(grad_scores, k, input_precision=DOT_PRECISION,
+                            out_dtype=ACC_DTYPE) * scale
+            offsets = out_base + rows[:, None] * out_token_stride + dims[None, :]
+            tl.store(grad_q_ptr + offsets, grad_q.to(grad_q_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & dim_ok[None, :])
+    offsets = out_base + cols[:, None] * out_token_stride + dims[None, :]
+    inside = col_ok[:, None] & dim_ok[None, :]
+    tl.store(grad_k_ptr + offsets, grad_k.to(grad_k_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_v_ptr + offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, cu_seqlens_ptr, grad_q_ptr,
+    num_tokens, head_dim,
+    q_token_stride, q_head_stride, q_dim_stride,
+    k_token_stride, k_head_stride, k_dim_stride,
+    v_token_stride, v_head_stride, v_dim_stride,
+    grad_out_token_stride, grad_out_head_stride, grad_out_dim_stride,
+    out_token_stride, out_head_stride,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One (event, head, query block) of an event longer than a block: dQ over key blocks."""
+    event = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    start = tl.load(cu_seqlens_ptr + event).to(tl.int64)
+    length = tl.load(cu_seqlens_ptr + event + 1).to(tl.int64) - start
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_H)
+    row_ok = rows < length
+    dim_ok = dims < head_dim
+    scale = 1.0 / tl.sqrt(tl.full((), head_dim, ACC_DTYPE))
+    out_base = start * out_token_stride + head * out_head_stride
+    q = _load_rows(q_ptr + start * q_token_stride + head * q_head_stride, rows, dims, row_ok,
+                   dim_ok, q_token_stride, q_dim_stride, ACC_DTYPE) * scale
+    grad_out = _load_rows(
+        grad_out_ptr + start * grad_out_token_stride + head * grad_out_head_stride, rows, dims,
+        row_ok, dim_ok, grad_out_token_stride, grad_out_dim_stride, ACC_DTYPE)
+    out = _load_rows(out_ptr + out_base, rows, dims, row_ok, dim_ok, out_token_stride, 1,
+                     ACC_DTYPE)
+    lse = tl.load(lse_ptr + head * num_tokens + start + rows, mask=row_ok, other=0.0)
+    delta = tl.sum(grad_out * out, axis=1)
+    grad_q = tl.zeros((BLOCK_M, BLOCK_H), ACC_DTYPE)
+    for key_start in range(0, length, BLOCK_N):
+        cols = key_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        k = _load_rows(k_ptr + start * k_token_stride + head * k_head_stride, cols, dims,
+                       col_ok, dim_ok, k_token_stride, k_dim_stride, ACC_DTYPE)
+        v = _load_rows(v_ptr + start * v_token_stride + head * v_head_stride, cols, dims,
+                       col_ok, dim_ok, v_token_stride, v_dim_stride, ACC_DTYPE)
+        _, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, row_ok,
+                                                        col_ok, ACC_DTYPE, DOT_PRECISION)
+        grad_q += tl.dot(grad_scores, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    offsets = out_base + rows[:, None] * out_token_stride + dims[None, :]
+    tl.store(grad_q_ptr + offsets, (grad_q * scale).to(grad_q_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def _tile_config(q: torch.Tensor, max_seqlen: int) -> dict:
+    """Return the constexpr arguments shared by the three kernels for this input."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim {head_dim} is above the {_MAX_HEAD_DIM} that the attention kernel "
+            f"tiles; use BUMBLEBEE_KERNELS=torch or more heads of a smaller head dim"
+        )
+    block = min(max(_MIN_BLOCK, triton.next_power_of_2(max(max_seqlen, 1))), _MAX_BLOCK)
+    # fp32 and fp64 products stay IEEE: TF32 keeps 10 mantissa bits. fp16 and bf16 values are
+    # exact in TF32, so their dots lose nothing on the operands and round only p and dS.
+    precise = q.dtype in (torch.float32, torch.float64)
+    return {
+        "ACC_DTYPE": tl.float64 if q.dtype == torch.float64 else tl.float32,
+        "DOT_PRECISION": "ieee" if precise else "tf32",
+        "BLOCK_M": block, "BLOCK_N": block,
+        "BLOCK_H": max(_MIN_BLOCK, triton.next_power_of_2(head_dim)),
+    }
+
+
+def _strides(tensor: torch.Tensor) -> tuple[int, int, int]:
+    return tensor.stride(0), tensor.stride(1), tensor.stride(2)
+
+
+def _launch_forward(q, k, v, cu_seqlens, max_seqlen):
+    """Return the (T, N, H) output in q's dtype and the (N, T) lse in the accumulation dtype."""
+    total_tokens, num_heads, head_dim = q.shape
+    num_events = cu_seqlens.numel() - 1
+    config = _tile_config(q, max_seqlen)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(num_heads, total_tokens, dtype=lse_dtype, device=q.device)
+    num_query_blocks = triton.cdiv(max_seqlen, config["BLOCK_M"])
+    if total_tokens == 0 or num_query_blocks == 0:
+        return out, lse
+    _attention_forward_kernel[(num_events, num_heads, num_query_blocks)](
+        q, k, v, cu_seqlens, out, lse, total_tokens, head_dim,
+        *_strides(q), *_strides(k), *_strides(v), out.stride(0), out.stride(1),
+        **config,
+    )
+    return out, lse
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    """Return (dq, dk, dv), each (T, N, H) contiguous in q's dtype."""
+    total_tokens, num_heads, head_dim = q.shape
+    num_events = cu_seqlens.numel() - 1
+    config = _tile_config(q, max_seqlen)
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                              for _ in range(3))
+    num_blocks = triton.cdiv(max_seqlen, config["BLOCK_N"])
+    if total_tokens == 0 or num_blocks == 0:
+        return grad_q, grad_k, grad_v
+    arguments = (
+        total_tokens, head_dim, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        out.stride(0), out.stride(1),
+    )
+    grid = (num_events, num_heads, num_blocks)
+    _attention_backward_kv_kernel[grid](
+        q, k, v, out, grad_out, lse, cu_seqlens, grad_q, grad_k, grad_v, *arguments,
+        WRITE_GRAD_Q=num_blocks == 1, **config,
+    )
+    if num_blocks > 1:
+        _attention_backward_q_kernel[grid](
+            q, k, v, out, grad_out, lse, cu_seqlens, grad_q, *arguments, **config,
+        )
+    return grad_q, grad_k, grad_v
+
+
+class _UnpaddedAttentionFunction(torch.autograd.Function):
+    """Fused unpadded attention; the backward recomputes probabilities from the saved lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        out, lse = _launch_forward(q, k, v, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        grad_q, grad_k, grad_v = _launch_backward(grad_out, q, k, v, out, lse, cu_seqlens,
+                                                  ctx.max_seqlen)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def unpadded_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+) -> torch.Tensor:
+    """Attend within each packed event with the fused kernels; same contract as the reference.
+
+    q, k and v are (T, N, H) of one float dtype, with any strides (the kernels read them
+    through their strides, as they read the upstream gradient). The output has q's dtype;
+    scores, softmax and sums are in fp32, or fp64 for fp64 inputs.
+
+    cu_seqlens must hold values checked by ``validate_cu_seqlens``, which
+    ``kernels.dispatch.unpadded_attention`` runs unless told not to. This function checks only
+    what needs no host sync: the dtype, shape and device of cu_seqlens.
+    """
+    if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must share one shape (T, N, H), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k and v must share one float dtype, got {q.dtype}, {k.dtype} "
+                         f"and {v.dtype}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor of E + 1 >= 1 offsets, got shape "
+            f"{tuple(cu_seqlens.shape)} and {cu_seqlens.dtype}; convert it with "
+            f"validate_cu_seqlens"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    return _UnpaddedAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen))
