@@ -12,6 +12,18 @@ real tokens back. It spends memory on padding (E * S instead of T rows), which t
 avoids. Padding convention everywhere in this file: a bool mask, True at real tokens (the keys
 that take part in attention, as in the bool ``attn_mask`` of scaled_dot_product_attention) and
 False at padding.
+
+The Triton kernels follow FlashAttention (Dao et al., arXiv:2205.14135, and FlashAttention-2):
+the forward pass makes one pass over the keys with an online softmax and saves the log-sum-exp
+of each query row; the backward pass recomputes the probabilities from it, so no (S, S) matrix
+is ever stored. Unlike the padded reference, they read the packed (T, N, H) tensors directly
+through cu_seqlens and their strides. One program handles one (event, head, block of BLOCK
+query tokens), with BLOCK the next power of two of max_seqlen between 16 and 64. A
+dileptonic event has 11 to 20 tokens, so BLOCK = 32 covers the longest event: the program
+reads q, k and v of its event once, and its score tile is the whole event. An event longer than
+64 tokens is not an error: its query rows spread over several programs, each looping over key
+blocks, and the backward pass then computes dQ in a second kernel instead of alongside dK and
+dV. Limits: head dim at most 256, no dropout and no causal mask, scale fixed at 1 / sqrt(H).
 """
 
 from __future__ import annotations
