@@ -14,6 +14,7 @@ import argparse
 
 from bumblebee_dist.config import load_config
 from bumblebee_dist.finetune import run_finetuning
+from bumblebee_dist.train.preflight import check_launch_world_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "none: start fresh; or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None,
                         help="set by the deepspeed launcher; ranks are read from the environment")
+    parser.add_argument("--expected_world_size", type=int, default=None,
+                        help="ranks the job must have; set by bumblebee_dist.launching, and the "
+                             "job stops when the launcher started another number")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, applied after the file")
     return parser.parse_intermixed_args(argv)
@@ -34,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Build the config and run the fine-tuning job."""
     args = parse_args(argv)
+    check_launch_world_size(args.expected_world_size)
     config = load_config(args.config, args.overrides, preset=args.preset)
     run_finetuning(config, resume=args.resume)
 
