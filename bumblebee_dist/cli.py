@@ -66,7 +66,7 @@ def _add_evaluate(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """Build the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="bumblebee", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bumblebee`` command."""
+    """Run the ``bumblebee`` command and return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv[:1] == ["generate"]:

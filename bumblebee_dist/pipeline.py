@@ -1,8 +1,8 @@
 """The whole chain on one machine: generate, shard, pre-train, fine-tune, evaluate, register.
 
-Each step writes its result file when it completes and is skipped when that file exists, so a
-demo that died (or was stopped) continues where it was when started again: generation skips
-complete shards, training resumes from its newest checkpoint.
+Each step writes its result file when it completes and is skipped when that file exists. So a
+demo that died or was stopped continues when started again. Generation skips complete shards,
+and training resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def step_evaluate(settings: DemoSettings) -> dict:
 
 
 def _is_complete(path: Path) -> bool:
-    """A result file exists; a manifest also says that every shard was written."""
+    """Return whether the result file exists and, for a manifest, marks every shard written."""
     if not path.is_file():
         return False
     return path.name != "manifest.json" or bool(_read_json(path).get("complete"))

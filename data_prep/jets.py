@@ -7,6 +7,8 @@ no input particle, or too few to reach the pT threshold, gets no jet.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 import awkward as ak
@@ -14,6 +16,29 @@ import fastjet
 import numpy as np
 
 JET_RADIUS = 0.4
+_banner_shown = False
+
+
+def _print_banner_silently() -> None:
+    """Let FastJet print its once-per-process banner into /dev/null.
+
+    FastJet 3.5 writes the banner to the C++ stdout on the first clustering of a process and its
+    Python package exposes no switch for it; every Ray worker would otherwise print 20 lines.
+    """
+    global _banner_shown
+    if _banner_shown:
+        return
+    _banner_shown = True
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            one = ak.Array([[{"px": 1.0, "py": 0.0, "pz": 0.0, "E": 1.0}]])
+            fastjet.ClusterSequence(one, fastjet.JetDefinition(fastjet.antikt_algorithm, JET_RADIUS))
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass
@@ -49,6 +74,7 @@ def cluster_jets(particles: FourVectors, num_events: int, *, radius: float = JET
         ak.zip({"px": particles.px, "py": particles.py, "pz": particles.pz, "E": particles.e}),
         counts,
     )
+    _print_banner_silently()
     definition = fastjet.JetDefinition(fastjet.antikt_algorithm, radius)
     sequence = fastjet.ClusterSequence(inputs, definition)
     jets = sequence.inclusive_jets(min_pt=min_pt)
