@@ -11,16 +11,42 @@ output or the gradient of the projection, not even a NaN. Its PDG id and level s
 
 This file contains the torch reference and the fused Triton kernels: one forward kernel, and a
 backward pass of two kernels (feature gradient per token block, parameter gradients reduced per
-token chunk and then summed in a fixed order). The kernels skip loading a masked token's
-features at all, and the sums come out with the same bits on every run.
+token chunk). The kernels skip loading a masked token's features at all.
+
+The parameter gradients have two modes, chosen per call by the ``grad_mode`` argument of
+``embedding_sum_triton`` or else by the environment variable ``BUMBLEBEE_EMBEDDING_GRAD``:
+
+- ``deterministic`` (default): each program writes the partial sums of its chunk of tokens, and
+  torch adds the chunks in a fixed order, so the gradients have the same bits on every run;
+- ``atomic``: each program adds its partial sums into one fp32 buffer with atomic adds. Smaller
+  chunks give more programs and no partial buffer, but the order of the adds, and so the last
+  bits of the sums, changes from run to run. ``python -m bench.kernels`` times both modes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+GRAD_MODE_ENV_VAR = "BUMBLEBEE_EMBEDDING_GRAD"
+GRAD_MODES = ("deterministic", "atomic")
+
+
+def resolve_grad_mode(grad_mode: str | None = None) -> str:
+    """Return ``grad_mode``, else ``BUMBLEBEE_EMBEDDING_GRAD``, else "deterministic", checked."""
+    source = "grad_mode"
+    if grad_mode is None:
+        source = GRAD_MODE_ENV_VAR
+        grad_mode = os.environ.get(GRAD_MODE_ENV_VAR, "").strip().lower() or "deterministic"
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(
+            f"{source}={grad_mode!r} is invalid; valid values: {', '.join(GRAD_MODES)}"
+        )
+    return grad_mode
 
 
 def check_embedding_sum_args(
@@ -94,9 +120,13 @@ def embedding_sum_torch(
 _BLOCK_FEATURES = 16
 _BLOCK_TOKENS = 32
 _BLOCK_WIDTH = 64
-# Parameter gradients are reduced per chunk of tokens, then the chunk partials are summed by
-# torch in a fixed order: the bits depend only on the number of tokens, never on scheduling.
+# Deterministic mode reduces the parameter gradients per chunk of tokens, then torch sums the
+# chunk partials in a fixed order: the bits depend only on the number of tokens, never on
+# scheduling.
 _MAX_CHUNKS = 64
+# Atomic mode gives each program 8 token blocks (256 tokens), so a large batch has many more
+# programs than the 64 deterministic chunks, at the cost of one atomic add per partial element.
+_ATOMIC_CHUNK_BLOCKS = 8
 
 
 @triton.jit
@@ -186,12 +216,13 @@ def _embedding_sum_params_backward_kernel(
     num_tokens, num_features, width, num_pdg_rows, tokens_per_chunk,
     grad_row_stride, grad_col_stride, features_row_stride, features_col_stride,
     BLOCK_TOKENS: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     """Reduce one chunk of tokens into table-row and weight gradient partials.
 
     Table rows are stacked as [pdg rows, 2 level rows, 2 mask rows, 1 bias row], so a one-hot
-    (BLOCK_ROWS, BLOCK_TOKENS) matrix times the gradient tile sums every table at once.
+    (BLOCK_ROWS, BLOCK_TOKENS) matrix times the gradient tile sums every table at once. With
+    ATOMIC the partials are added into slot 0, else stored into the chunk's own slot.
     """
     cols = tl.program_id(0) * BLOCK_WIDTH + tl.arange(0, BLOCK_WIDTH)
     chunk = tl.program_id(1)
@@ -219,10 +250,18 @@ def _embedding_sum_params_backward_kernel(
         x = _load_visible_features(features_ptr, mask_ptr, rows, row_ok, feats, num_features,
                                    features_row_stride, features_col_stride)
         weight_acc += tl.dot(tl.trans(x), grad, input_precision="ieee")
-    row_offsets = (chunk * BLOCK_ROWS + table_rows[:, None]) * width + cols[None, :]
-    tl.store(row_partial_ptr + row_offsets, row_acc, mask=col_ok[None, :])
-    weight_offsets = (chunk * BLOCK_FEATURES + feats[:, None]) * width + cols[None, :]
-    tl.store(weight_partial_ptr + weight_offsets, weight_acc, mask=col_ok[None, :])
+    if ATOMIC:
+        row_offsets = table_rows[:, None] * width + cols[None, :]
+        weight_offsets = feats[:, None] * width + cols[None, :]
+        tl.atomic_add(row_partial_ptr + row_offsets, row_acc,
+                      mask=(table_rows >= 0)[:, None] & col_ok[None, :], sem="relaxed")
+        tl.atomic_add(weight_partial_ptr + weight_offsets, weight_acc,
+                      mask=(feats >= 0)[:, None] & col_ok[None, :], sem="relaxed")
+    else:
+        row_offsets = (chunk * BLOCK_ROWS + table_rows[:, None]) * width + cols[None, :]
+        tl.store(row_partial_ptr + row_offsets, row_acc, mask=col_ok[None, :])
+        weight_offsets = (chunk * BLOCK_FEATURES + feats[:, None]) * width + cols[None, :]
+        tl.store(weight_partial_ptr + weight_offsets, weight_acc, mask=col_ok[None, :])
 
 
 def _launch_forward(features, mask_u8, pdg_index, level, weight, bias, tables):
@@ -259,17 +298,25 @@ def _launch_features_backward(grad_out, weight, mask_u8):
     return grad_features
 
 
-def _launch_params_backward(grad_out, features, mask_u8, pdg_index, level, num_pdg_rows):
+def _launch_params_backward(grad_out, features, mask_u8, pdg_index, level, num_pdg_rows,
+                            grad_mode):
     """Return fp32 (stacked table-row gradients (P + 5, D), weight gradient (D, F))."""
     num_tokens, width = grad_out.shape
     num_features = features.shape[1]
     block_rows = max(16, triton.next_power_of_2(num_pdg_rows + 5))
     num_blocks = max(triton.cdiv(num_tokens, _BLOCK_TOKENS), 1)
-    num_chunks = min(num_blocks, _MAX_CHUNKS)
-    tokens_per_chunk = triton.cdiv(num_blocks, num_chunks) * _BLOCK_TOKENS
+    atomic = grad_mode == "atomic"
+    if atomic:
+        blocks_per_chunk = _ATOMIC_CHUNK_BLOCKS
+        num_chunks = triton.cdiv(num_blocks, blocks_per_chunk)
+    else:
+        num_chunks = min(num_blocks, _MAX_CHUNKS)
+        blocks_per_chunk = triton.cdiv(num_blocks, num_chunks)
+    tokens_per_chunk = blocks_per_chunk * _BLOCK_TOKENS
+    num_slots = 1 if atomic else num_chunks
     device = grad_out.device
-    row_partial = torch.zeros(num_chunks, block_rows, width, dtype=torch.float32, device=device)
-    weight_partial = torch.zeros(num_chunks, _BLOCK_FEATURES, width, dtype=torch.float32,
+    row_partial = torch.zeros(num_slots, block_rows, width, dtype=torch.float32, device=device)
+    weight_partial = torch.zeros(num_slots, _BLOCK_FEATURES, width, dtype=torch.float32,
                                  device=device)
     if num_tokens > 0:
         _embedding_sum_params_backward_kernel[(triton.cdiv(width, _BLOCK_WIDTH), num_chunks)](
@@ -277,7 +324,7 @@ def _launch_params_backward(grad_out, features, mask_u8, pdg_index, level, num_p
             num_tokens, num_features, width, num_pdg_rows, tokens_per_chunk,
             grad_out.stride(0), grad_out.stride(1), features.stride(0), features.stride(1),
             BLOCK_TOKENS=_BLOCK_TOKENS, BLOCK_WIDTH=_BLOCK_WIDTH,
-            BLOCK_FEATURES=_BLOCK_FEATURES, BLOCK_ROWS=block_rows,
+            BLOCK_FEATURES=_BLOCK_FEATURES, BLOCK_ROWS=block_rows, ATOMIC=atomic,
         )
     rows = row_partial.sum(dim=0)[: num_pdg_rows + 5]
     weight = weight_partial.sum(dim=0)[:num_features].T
@@ -285,11 +332,14 @@ def _launch_params_backward(grad_out, features, mask_u8, pdg_index, level, num_p
 
 
 class _EmbeddingSumFunction(torch.autograd.Function):
-    """Fused embedding sum; both passes are Triton kernels, reductions are deterministic."""
+    """Fused embedding sum; both passes are Triton kernels.
+
+    The parameter-gradient reduction follows ``grad_mode``, fixed at the forward call.
+    """
 
     @staticmethod
     def forward(ctx, features, mask, pdg_index, level, weight, bias, pdg_table, level_table,
-                mask_table):
+                mask_table, grad_mode):
         mask_u8 = mask.contiguous().view(torch.uint8)
         pdg_index, level = pdg_index.contiguous(), level.contiguous()
         tables = tuple(table.contiguous() for table in (pdg_table, level_table, mask_table))
@@ -297,6 +347,7 @@ class _EmbeddingSumFunction(torch.autograd.Function):
         ctx.save_for_backward(features, mask_u8, pdg_index, level, weight)
         ctx.has_bias = bias is not None
         ctx.num_pdg_rows = pdg_table.shape[0]
+        ctx.grad_mode = grad_mode
         ctx.dtypes = [t.dtype if t is not None else None for t in
                       (features, weight, bias, pdg_table, level_table, mask_table)]
         return out
@@ -308,18 +359,18 @@ class _EmbeddingSumFunction(torch.autograd.Function):
         grad_features = None
         if needs[0]:
             grad_features = _launch_features_backward(grad_out, weight, mask_u8)
-        if not any(needs[4:]):
-            return (grad_features, *[None] * 8)
+        if not any(needs[4:9]):
+            return (grad_features, *[None] * 9)
         rows, grad_weight = _launch_params_backward(
-            grad_out, features, mask_u8, pdg_index, level, ctx.num_pdg_rows
+            grad_out, features, mask_u8, pdg_index, level, ctx.num_pdg_rows, ctx.grad_mode
         )
         pdg_rows = ctx.num_pdg_rows
         grads = [grad_features, grad_weight, rows[pdg_rows + 4] if ctx.has_bias else None,
                  rows[:pdg_rows], rows[pdg_rows:pdg_rows + 2], rows[pdg_rows + 2:pdg_rows + 4]]
         grads = [None if grad is None or not need else grad.to(dtype)
-                 for grad, need, dtype in zip(grads, (needs[0], *needs[4:]), ctx.dtypes)]
+                 for grad, need, dtype in zip(grads, (needs[0], *needs[4:9]), ctx.dtypes)]
         grad_features, grad_weight, grad_bias, *grad_tables = grads
-        return (grad_features, None, None, None, grad_weight, grad_bias, *grad_tables)
+        return (grad_features, None, None, None, grad_weight, grad_bias, *grad_tables, None)
 
 
 def embedding_sum_triton(
@@ -332,10 +383,13 @@ def embedding_sum_triton(
     pdg_table: torch.Tensor,
     level_table: torch.Tensor,
     mask_table: torch.Tensor,
+    grad_mode: str | None = None,
 ) -> torch.Tensor:
     """Embed packed tokens with the fused kernels, the same contract as ``embedding_sum_torch``.
 
-    The output has the dtype of ``proj_weight``; accumulation is in fp32.
+    The output has the dtype of ``proj_weight``; accumulation is in fp32. ``grad_mode`` is
+    "deterministic" or "atomic" (see the module docstring); None reads
+    ``BUMBLEBEE_EMBEDDING_GRAD``, whose default is "deterministic".
 
     NOTE: indices are not range-checked on the device, because a check would cost a host sync.
     pdg_index must contain rows of pdg_table (``tokens.pdg_to_index`` ensures it) and level 0 or 1.
@@ -348,4 +402,5 @@ def embedding_sum_triton(
             f"{mask_table.shape[0]}"
         )
     return _EmbeddingSumFunction.apply(features, mask, pdg_index, level, proj_weight, proj_bias,
-                                       pdg_table, level_table, mask_table)
+                                       pdg_table, level_table, mask_table,
+                                       resolve_grad_mode(grad_mode))

@@ -138,6 +138,12 @@ def test_run_twice_identical_bits():
         assert torch.equal(got, expected)
 
 
+def test_gradcheck_float64():
+    prediction, target, mask = make_inputs(6, seed=7, dtype=torch.float64)
+    leaves = (prediction.clone().requires_grad_(), target.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda p, t: masked_mse_triton(p, t, mask, 4), leaves)
+
+
 def test_dispatcher_selects_kernel(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     prediction, target, mask = make_inputs(20, seed=6)
