@@ -7,9 +7,9 @@ The environment variable ``BUMBLEBEE_KERNELS`` selects the path, read on every c
 - ``triton``: always the kernel. An op without a Triton kernel raises NotImplementedError, and
   CPU tensors raise RuntimeError unless ``TRITON_INTERPRET=1`` runs the kernel in the interpreter.
 
-Each op lives in its own module of this package as ``<op>_torch``, the reference, and once written
-as ``<op>_triton``, the kernel with its launcher and autograd function. This module finds both
-by name.
+Each op lives in its own module of this package as ``<op>_torch``, the reference, and
+``<op>_triton``, the kernel with its launcher and autograd function. This module finds both by
+name. Every op has a Triton kernel, so ``auto`` runs all three as kernels on CUDA.
 """
 
 from __future__ import annotations

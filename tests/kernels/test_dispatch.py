@@ -47,6 +47,11 @@ def test_triton_forced_on_cpu_needs_interpreter(op, monkeypatch):
     assert dispatch.select_backend(op, CPU) == "triton"
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_kernel(op):
+    assert dispatch.has_triton_kernel(op)
+
+
 def test_value_is_case_insensitive(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, " Torch ")
     assert dispatch.requested_backend() == "torch"
