@@ -3,7 +3,8 @@
     python -m bench.run_all [--data DIR]
 
 1. events/s of each data preparation stage on a few hundred real Pythia events;
-2. the loader on generated data: events/s and the packed vs padded token ratio. The data set is
+2. the Ray data set job with 2 local workers against 1, on the same events;
+3. the loader on generated data: events/s and the packed vs padded token ratio. The data set is
    ``--data``, else the demo's (``runs/demo/data``) when it is complete, else a small one made
    here with the Ray job.
 
@@ -40,6 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     _run("bench.data_prep", "--events", "300")
+    _run("bench.data_scaling")
     data = args.data or (DEMO_DATA if _complete(DEMO_DATA) else None)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         if data is None:

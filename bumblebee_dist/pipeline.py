@@ -50,14 +50,41 @@ def _read_json(path: Path) -> dict:
 
 
 def step_generate(settings: DemoSettings) -> dict:
-    """Generate and shard events with the Ray job; return the manifest."""
+    """Generate and shard events with the Ray job, then track the data set; return the manifest."""
     from data_prep.ray_job import build_dataset
 
     manifest_path = build_dataset(
         settings.root / "data", ttbar_events=settings.ttbar_events,
         eta_t_events=settings.eta_t_events, seed=settings.seed,
         events_per_shard=settings.events_per_shard, num_workers=settings.workers)
-    return _read_json(Path(manifest_path))
+    manifest = _read_json(Path(manifest_path))
+    track_dataset(manifest, Path(manifest_path), settings.tracking_uri)
+    return manifest
+
+
+def track_dataset(manifest: dict, manifest_path: Path, tracking_uri: str) -> None:
+    """Log the data set to MLflow: generator settings, cut flows, the manifest, validation plots."""
+    from bumblebee_dist.config import TrackingConfig
+    from bumblebee_dist.tracking import Tracker
+    from data_prep.plots import load_samples, make_plots
+
+    plots = make_plots(load_samples(manifest_path.parent), manifest_path.parent / "plots")
+    tracker = Tracker(TrackingConfig(uri=tracking_uri, experiment="bumblebee-data",
+                                     run_name="dataset"), manifest_path.parent, active=True)
+    tracker.start()
+    params = {"seed": manifest.get("seed"), "events": manifest.get("events")}
+    metrics = {}
+    for sample in manifest["samples"]:
+        params[f"{sample['name']}/generator"] = "; ".join(sample["generator"]["settings"])
+        metrics[f"selection_efficiency/{sample['name']}"] = sample["selection_efficiency"]
+        for cut, count in sample["cut_flow"].items():
+            metrics[f"cut_flow/{sample['name']}/{cut}"] = count
+    tracker.log_params(params)
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_artifact(manifest_path)
+    for path in plots:
+        tracker.log_artifact(path, artifact_path="validation_plots")
+    tracker.finish()
 
 
 def _training_args(settings: DemoSettings, kind: str, extra: list[str]) -> list[str]:

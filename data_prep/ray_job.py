@@ -194,15 +194,17 @@ def pythia8mc_version() -> str:
     return importlib.metadata.version("pythia8mc")
 
 
-def _init_ray(num_workers: int) -> None:
+def _init_ray(num_workers: int) -> bool:
+    """Connect to Ray; return True when this call started it (so the job shuts it down)."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         logger.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
         ray.init()
     else:
         logger.info("starting a local Ray with %d CPUs", num_workers)
         ray.init(num_cpus=num_workers, include_dashboard=False, configure_logging=False)
+    return True
 
 
 def build_dataset(out_dir: str | Path, *, ttbar_events: int, eta_t_events: int, seed: int,
@@ -231,18 +233,23 @@ def build_dataset(out_dir: str | Path, *, ttbar_events: int, eta_t_events: int, 
     start = time.perf_counter()
     built: list[dict[str, Any]] = []
     if pending:
-        _init_ray(num_workers)
-        remote = ray.remote(num_cpus=1, max_retries=task_retries,
-                            retry_exceptions=task_retries > 0)(run_shard_task)
-        futures = [remote.remote(str(out), task, int(seed), config, block_events)
-                   for task in pending]
-        with tqdm(total=len(tasks), initial=len(records), unit="shard") as progress:
-            while futures:
-                done, futures = ray.wait(futures, num_returns=1)
-                built.append(ray.get(done[0]))
-                records.append(built[-1])
-                write_json_atomic(manifest_path, _manifest(records, settings, complete=False))
-                progress.update(1)
+        started_ray = _init_ray(num_workers)
+        try:
+            remote = ray.remote(num_cpus=1, max_retries=task_retries,
+                                retry_exceptions=task_retries > 0)(run_shard_task)
+            futures = [remote.remote(str(out), task, int(seed), config, block_events)
+                       for task in pending]
+            with tqdm(total=len(tasks), initial=len(records), unit="shard") as progress:
+                while futures:
+                    done, futures = ray.wait(futures, num_returns=1)
+                    built.append(ray.get(done[0]))
+                    records.append(built[-1])
+                    write_json_atomic(manifest_path, _manifest(records, settings, complete=False))
+                    progress.update(1)
+        finally:
+            # A local Ray left running would keep its idle workers through the training steps.
+            if started_ray:
+                ray.shutdown()
     manifest = _manifest(records, settings, complete=True)
     if manifest["events"] == 0:
         write_json_atomic(manifest_path, manifest)

@@ -37,6 +37,10 @@ def test_demo_chain_end_to_end(tmp_path, capsys):
         assert (tmp_path / "demo" / "evaluation" / name).stat().st_size > 1000
 
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    data_experiment = client.get_experiment_by_name("bumblebee-data")
+    (data_run,) = client.search_runs([data_experiment.experiment_id])
+    assert data_run.data.metrics["cut_flow/ttbar/generated"] == 1200
+    assert len(client.list_artifacts(data_run.info.run_id, "validation_plots")) > 5
     for name in (PRETRAINED_MODEL, FINETUNED_MODEL):
         assert client.get_model_version_by_alias(name, "champion").version == "1"
 
