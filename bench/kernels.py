@@ -138,8 +138,8 @@ def embedding_case(num_tokens, dtype, device, rng, grad_mode) -> Case:
     run = {name: forward_backward(lambda f=function: f(**tensors), (), upstream)
            for name, function in implementations.items() if function is not None}
     element = upstream.element_size()
-    # Output written and upstream gradient read once, feature gradient written once; per
-    # token the features, the bool mask and two int64 indices read in both passes.
+    # The output and the feature gradient are written once and the upstream gradient is read
+    # once. Both passes read the features, the bool mask and two int64 indices of each token.
     feature_bytes = FEATURES * tensors["features"].element_size()
     min_bytes = num_tokens * (2 * WIDTH * element + feature_bytes + 2 * (feature_bytes + 17))
     return Case(f"embedding_sum ({grad_mode})", run, leaves, min_bytes)

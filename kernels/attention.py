@@ -13,9 +13,9 @@ avoids. Padding convention everywhere in this file: a bool mask, True at real to
 that take part in attention, as in the bool ``attn_mask`` of scaled_dot_product_attention) and
 False at padding.
 
-The Triton kernels follow FlashAttention (Dao et al., arXiv:2205.14135, and FlashAttention-2):
-the forward pass makes one pass over the keys with an online softmax and saves the log-sum-exp
-of each query row; the backward pass recomputes the probabilities from it, so no (S, S) matrix
+The Triton kernels follow FlashAttention (Dao et al., arXiv:2205.14135, and FlashAttention-2).
+The forward pass makes one pass over the keys with an online softmax and saves the log-sum-exp
+of each query row. The backward pass recomputes the probabilities from it, so no (S, S) matrix
 is ever stored. Unlike the padded reference, they read the packed (T, N, H) tensors directly
 through cu_seqlens and their strides. One program handles one (event, head, block of BLOCK
 query tokens), with BLOCK the next power of two of max_seqlen between 16 and 64. A
@@ -203,10 +203,12 @@ def unpadded_attention_torch(
 
 # Triton kernels -----------------------------------------------------------------------------
 
-# One tile of BLOCK x BLOCK scores holds a whole event per head when BLOCK >= max_seqlen: with
+# One tile of BLOCK x BLOCK scores contains a whole event per head when BLOCK >= max_seqlen: with
 # 11 to 20 tokens per event, BLOCK = 32 (or 64 for up to 64 tokens) covers the longest event, so
 # a program reads q, k and v of its event once and the key loop runs once. Longer events take
 # several query programs, each looping over key blocks of _MAX_BLOCK tokens.
+# NOTE: block sizes and the default num_warps (4) are not yet tuned on a GPU; bench.kernels
+# measures the kernels against the reference at realistic sizes.
 _MIN_BLOCK = 16  # the smallest M, N and K that tl.dot accepts
 _MAX_BLOCK = 64
 # A masked score is -inf, but the running maximum starts finite: exp(-inf - m) is then 0 and
@@ -235,10 +237,10 @@ def _attention_forward_kernel(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One (event, head, query block): online softmax over the event's key blocks.
+    """Compute one (event, head, query block) with an online softmax over the key blocks.
 
-    Writes the output rows and the log-sum-exp of each row's scores (lse, natural log), which
-    the backward pass uses to recompute the probabilities without a second softmax.
+    The program writes the output rows and the natural log-sum-exp (lse) of each row's scores,
+    from which the backward pass recomputes the probabilities without a second softmax.
     """
     event = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -274,7 +276,8 @@ def _attention_forward_kernel(
     # Rows past the event end are never stored; the guard keeps them free of 0 / 0.
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     out = acc / row_sum[:, None]
-    out_offsets = (start + rows)[:, None] * out_token_stride + head * out_head_stride + dims[None, :]
+    out_offsets = ((start + rows)[:, None] * out_token_stride + head * out_head_stride
+                   + dims[None, :])
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     lse = row_max + tl.log(row_sum)
@@ -306,10 +309,10 @@ def _attention_backward_kv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     WRITE_GRAD_Q: tl.constexpr,
 ):
-    """One (event, head, key block): dK and dV summed over the event's query blocks.
+    """Compute dK and dV of one (event, head, key block), summed over the query blocks.
 
-    With WRITE_GRAD_Q the event fits one key block, so this program sees every key of each
-    query row and also writes dQ; otherwise ``_attention_backward_q_kernel`` computes it.
+    With WRITE_GRAD_Q the event fits one key block, so this program reads every key of each
+    query row and also writes dQ. Otherwise ``_attention_backward_q_kernel`` computes dQ.
     ``out``, dQ, dK and dV share one contiguous (T, N, H) layout.
     """
     event = tl.program_id(0)
@@ -371,7 +374,7 @@ def _attention_backward_q_kernel(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One (event, head, query block) of an event longer than a block: dQ over key blocks."""
+    """Compute dQ of one (event, head, query block) of an event longer than one block."""
     event = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     start = tl.load(cu_seqlens_ptr + event).to(tl.int64)
@@ -503,13 +506,14 @@ def unpadded_attention_triton(
 ) -> torch.Tensor:
     """Attend within each packed event with the fused kernels; same contract as the reference.
 
-    q, k and v are (T, N, H) of one float dtype, with any strides (the kernels read them
-    through their strides, as they read the upstream gradient). The output has q's dtype;
-    scores, softmax and sums are in fp32, or fp64 for fp64 inputs.
+    q, k and v are (T, N, H) of one float dtype, with any strides: the kernels read them, and
+    the upstream gradient, through their strides without a copy. The output has q's dtype.
+    Scores, softmax and sums are in fp32, or in fp64 for fp64 inputs.
 
-    cu_seqlens must hold values checked by ``validate_cu_seqlens``, which
-    ``kernels.dispatch.unpadded_attention`` runs unless told not to. This function checks only
-    what needs no host sync: the dtype, shape and device of cu_seqlens.
+    cu_seqlens must contain values checked by ``validate_cu_seqlens``, which
+    ``kernels.dispatch.unpadded_attention`` runs unless its ``validate`` argument is False.
+    This function checks only what needs no host sync: the dtype, shape and device of
+    cu_seqlens.
     """
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
