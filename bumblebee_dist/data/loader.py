@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bumblebee_dist import masking
@@ -183,8 +184,13 @@ class EventLoader:
         else:
             dataset = _WorkerBatches(self, plan, local)
             context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            # A generator of its own keeps DataLoader from drawing its base seed from torch's
+            # global RNG, which would make dropout differ between a resumed and an
+            # uninterrupted run (a resumed run starts one more iterator).
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.epoch)
             parts = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_identity, multiprocessing_context=context))
+                                    collate_fn=_identity, multiprocessing_context=context,
+                                    generator=generator))
         return (pack_events(events, mask) for events, mask in parts)
 
     def gather_batch(self, plan: EpochPlan, batch: int) -> tuple[EventBlock, np.ndarray]:

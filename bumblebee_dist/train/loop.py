@@ -15,8 +15,10 @@ no-op; DeepSpeed clears the gradients as after any step). Either way all ranks r
 collectives, the step is logged as skipped, and the next step runs normally.
 
 Logging. Rank 0 alone writes one log line per ``train.log_every`` steps (step, loss, grad norm,
-learning rate, events/s, tokens/s, data-wait share, peak memory), sends the same values to
-MLflow, appends every step to ``<run_dir>/train_log.jsonl`` and shows a tqdm bar.
+learning rate, events/s, tokens/s, data-wait share, peak memory, and model FLOPs utilization
+where the device peak is known, see ``bumblebee_dist.train.throughput``), sends the same values
+to MLflow, appends every step to ``<run_dir>/train_log.jsonl`` and shows a tqdm bar. Rates are
+global (all ranks) and averaged over the steps since the previous log line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from bumblebee_dist.config import RunConfig
 from bumblebee_dist.data.packing import PackedBatch
 from bumblebee_dist.train.engine import TrainEngine, lr_at
+from bumblebee_dist.train.throughput import peak_flops_per_device, step_flops
 from kernels.dispatch import masked_mse
 
 LOG = logging.getLogger(__name__)
@@ -139,6 +142,7 @@ class StepResult:
     events: int
     tokens: int
     skipped: str = ""  # reason when skipped, "" when the update was applied
+    squared_lengths: int = 0  # sum over the global batch's events of (event tokens)^2
 
 
 @dataclass
@@ -149,12 +153,17 @@ class _Window:
     data_wait: float = 0.0
     events: int = 0
     tokens: int = 0
+    flops: float = 0.0
 
-    def rates(self) -> dict[str, float]:
+    def rates(self, peak_flops: float | None) -> dict[str, float]:
+        """Global rates since the window opened; MFU only when ``peak_flops`` (all ranks) is known."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"throughput/events_per_s": self.events / elapsed,
-                "throughput/tokens_per_s": self.tokens / elapsed,
-                "time/data_wait_share": self.data_wait / elapsed}
+        rates = {"throughput/events_per_s": self.events / elapsed,
+                 "throughput/tokens_per_s": self.tokens / elapsed,
+                 "time/data_wait_share": self.data_wait / elapsed}
+        if peak_flops:
+            rates["throughput/mfu"] = self.flops / elapsed / peak_flops
+        return rates
 
 
 def peak_memory_gib() -> float:
@@ -197,14 +206,24 @@ class Trainer:
         self._window = _Window()
         self._step_log = Path(config.train.run_dir) / STEP_LOG_NAME
         self._stage0_norm: float | None = None
+        self._num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                   for p in engine.engine.module.parameters())
+        peak = peak_flops_per_device(engine.precision)
+        self._peak_flops = peak * self.dist.world_size if peak else None
 
     def _total_steps(self) -> int:
-        # NOTE: batches per epoch can vary a little between epochs (packing follows the shuffled
-        # order), so without train.max_steps the schedule length is an estimate from one epoch.
+        # Batches per epoch vary a little between epochs (packing follows the shuffled order),
+        # so the schedule length sums every epoch's plan. It must not depend on the epoch the
+        # trainer starts in, or a resumed run would follow another learning-rate curve.
         train = self.config.train
         if train.max_steps > 0:
             return train.max_steps
-        return train.epochs * max(1, len(self.train_loader) // train.grad_accum)
+        loader = self.train_loader
+        if not hasattr(loader, "epoch_plan"):
+            return train.epochs * max(1, len(loader) // train.grad_accum)
+        steps = sum(loader.epoch_plan(epoch).batches_per_rank // train.grad_accum
+                    for epoch in range(train.epochs))
+        return max(1, steps)
 
     def done(self) -> bool:
         """True once max_steps (when set) or the last epoch is reached."""
@@ -261,20 +280,22 @@ class Trainer:
     def train_step(self, group: list[StepInputs]) -> StepResult:
         """Run forward and backward on every micro-batch of one step, then update (or skip)."""
         local = [sum(int(x.loss_mask.sum()) for x in group), sum(x.num_events for x in group),
-                 sum(x.num_tokens for x in group), sum(not _inputs_finite(x) for x in group)]
-        count, events, tokens, bad_inputs = all_reduce_sum(local, self.engine.device)
+                 sum(x.num_tokens for x in group), sum(not _inputs_finite(x) for x in group),
+                 sum(_squared_lengths(x) for x in group)]
+        count, events, tokens, bad_inputs, squares = all_reduce_sum(local, self.engine.device)
         lr = lr_at(self.state.step, self.config.train, self.total_steps)
         skipped = self._skip_reason(count, bad_inputs)
         if skipped:
-            return StepResult(None, None, lr, int(events), int(tokens), skipped)
+            return StepResult(None, None, lr, int(events), int(tokens), skipped, int(squares))
         self.engine.set_lr(lr)
         loss_sum, nonfinite = self._accumulate(group, count / self.dist.world_size)
         loss = loss_sum / self.dist.world_size
         grad_norm = self._grad_norm()
         if nonfinite:
             return StepResult(None, None, lr, int(events), int(tokens),
-                              f"non-finite loss on {int(nonfinite)} of {self.dist.world_size} ranks")
-        return StepResult(loss, grad_norm, lr, int(events), int(tokens))
+                              f"non-finite loss on {int(nonfinite)} of {self.dist.world_size} ranks",
+                              int(squares))
+        return StepResult(loss, grad_norm, lr, int(events), int(tokens), "", int(squares))
 
     @staticmethod
     def _skip_reason(count: float, bad_inputs: float) -> str:
@@ -320,6 +341,8 @@ class Trainer:
         state.tokens_seen += result.tokens
         self._window.events += result.events
         self._window.tokens += result.tokens
+        self._window.flops += step_flops(self.config.model, self._num_parameters, result.tokens,
+                                         result.squared_lengths)
         if result.skipped:
             state.skipped_steps += 1
             if self.dist.is_main:
@@ -353,7 +376,8 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
         if step % self.config.train.log_every != 0:
             return
-        metrics = {"lr": result.lr, **self._window.rates(), "memory/peak_gib": peak_memory_gib(),
+        metrics = {"lr": result.lr, **self._window.rates(self._peak_flops),
+                   "memory/peak_gib": peak_memory_gib(),
                    "steps/skipped_total": float(self.state.skipped_steps)}
         if result.loss is not None:
             metrics["loss/train"] = result.loss
@@ -406,6 +430,11 @@ class Trainer:
         return [sse, float(count)]
 
 
+def _squared_lengths(inputs: StepInputs) -> int:
+    lengths = (inputs.cu_seqlens[1:] - inputs.cu_seqlens[:-1]).long()
+    return int(lengths.square().sum())
+
+
 def _local_grad_norm(module: torch.nn.Module) -> float:
     squares = [p.grad.detach().float().square().sum() for p in module.parameters()
                if p.grad is not None]
@@ -415,9 +444,10 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
 def _format_line(step: int, total: int, metrics: dict[str, float]) -> str:
     loss = metrics.get("loss/train")
     norm = metrics.get("grad/norm")
+    mfu = f"{100 * metrics['throughput/mfu']:.1f} %" if "throughput/mfu" in metrics else "n/a"
     return (f"step {step}/{total} | loss {'skipped' if loss is None else f'{loss:.5f}'} | "
             f"grad norm {'-' if norm is None else f'{norm:.3g}'} | lr {metrics['lr']:.3g} | "
             f"{metrics['throughput/events_per_s']:.0f} events/s | "
             f"{metrics['throughput/tokens_per_s']:.0f} tokens/s | "
             f"data wait {100 * metrics['time/data_wait_share']:.1f} % | "
-            f"memory {metrics['memory/peak_gib']:.2f} GiB")
+            f"memory {metrics['memory/peak_gib']:.2f} GiB | MFU {mfu}")

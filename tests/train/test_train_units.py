@@ -205,3 +205,51 @@ def test_class_token_score_is_finite():
     scores = class_scores(BumblebeeEncoder(model_preset("tiny")), inputs)
     assert scores.shape == (2,)
     assert all(math.isfinite(s) for s in scores.tolist())
+
+
+def test_step_flops_counts_matmuls_and_attention():
+    from bumblebee_dist.train.throughput import step_flops
+
+    tiny = model_preset("tiny")  # 2 layers, width 32
+    # 2 events of 3 and 5 tokens: 6 N T + 12 L D (3^2 + 5^2).
+    assert step_flops(tiny, 1000, 8, 34) == 6 * 1000 * 8 + 12 * 2 * 32 * 34
+
+
+def test_peak_flops_from_environment(monkeypatch):
+    from bumblebee_dist.train.throughput import PEAK_ENV, peak_flops_per_device
+
+    monkeypatch.setenv(PEAK_ENV, "100")
+    assert peak_flops_per_device("bf16") == 1e14
+    monkeypatch.setenv(PEAK_ENV, "fast")
+    with pytest.raises(ValueError, match=PEAK_ENV):
+        peak_flops_per_device("bf16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA the peak is unknown")
+def test_mfu_not_available_on_cpu(monkeypatch):
+    from bumblebee_dist.train.loop import _format_line
+    from bumblebee_dist.train.throughput import PEAK_ENV, peak_flops_per_device
+
+    monkeypatch.delenv(PEAK_ENV, raising=False)
+    assert peak_flops_per_device("fp32") is None
+    line = _format_line(3, 10, {"lr": 1e-3, "throughput/events_per_s": 10.0,
+                                "throughput/tokens_per_s": 150.0, "time/data_wait_share": 0.1,
+                                "memory/peak_gib": 0.5})
+    assert line.endswith("memory 0.50 GiB | MFU n/a")
+    with_mfu = _format_line(3, 10, {"lr": 1e-3, "throughput/events_per_s": 10.0,
+                                    "throughput/tokens_per_s": 150.0, "time/data_wait_share": 0.1,
+                                    "memory/peak_gib": 0.5, "throughput/mfu": 0.42})
+    assert with_mfu.endswith("MFU 42.0 %")
+
+
+def test_loader_workers_leave_global_rng_alone(tmp_path):
+    from bumblebee_dist.data.loader import EventLoader
+    from bumblebee_dist.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", {"train": [60]}, seed=2)
+    loader = EventLoader(tmp_path / "data", "train", max_tokens=256, num_workers=1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    batches = iter(loader)
+    next(batches)
+    assert torch.equal(torch.get_rng_state(), before)
