@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 out_dir="${OUT:-gpu_check_out}"
 mkdir -p "$out_dir"
 python="${PYTHON:-python}"
+# Unbuffered output, so a stage stopped by its time limit still leaves its log lines.
+export PYTHONUNBUFFERED=1
 
 if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device is visible to $python: run this script on a GPU machine" >&2
@@ -23,12 +25,12 @@ triton.__version__, torch.cuda.get_device_name())" | tee "$out_dir/versions.txt"
 status=0
 
 echo "== kernel tests on CUDA"
-timeout 120 "$python" -m pytest tests/kernels tests/model/test_kernels_parity.py -q \
+timeout 110 "$python" -m pytest tests/kernels tests/model/test_kernels_parity.py -q \
     -p no:cacheprovider 2>&1 | tee "$out_dir/kernel_tests.log" || status=1
 
 echo "== kernel benchmark"
 # Two batch sizes keep the torch.compile warm-up inside the time limit.
-timeout 120 "$python" -m bench.kernels --tokens 16384 262144 2>&1 \
+timeout 130 "$python" -m bench.kernels --tokens 16384 262144 2>&1 \
     | tee "$out_dir/bench_kernels.txt" || status=1
 
 echo "== one bf16 training step of the small model, Triton kernels against torch"

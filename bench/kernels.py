@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from bumblebee_dist.tokens import PDG_VOCABULARY_SIZE
 from kernels.attention import unpadded_attention_torch, unpadded_attention_triton
@@ -78,7 +79,7 @@ def forward_backward(function, args, upstream) -> Callable[[], None]:
 def compiled_or_none(function):
     """Return torch.compile(function), or None when this torch build cannot compile."""
     try:
-        return torch.compile(function)
+        return torch.compile(function, dynamic=True)
     except RuntimeError as error:
         print(f"torch.compile is unavailable ({error}); the compiled column stays empty")
         return None
@@ -171,10 +172,22 @@ def time_case(case: Case) -> dict[str, float]:
     """Return ms per forward plus backward of each implementation of ``case``."""
     from triton.testing import do_bench
 
-    timings = {}
-    for name, run in case.run.items():
-        timings[name] = do_bench(run, warmup=25, rep=100, grad_to_none=case.leaves)
-    return timings
+    return {name: measure(case.name, name, do_bench, run, warmup=25, rep=100,
+                          grad_to_none=case.leaves)
+            for name, run in case.run.items()}
+
+
+def measure(case_name: str, name: str, function, *args, **kwargs) -> float:
+    """Return function(*args, **kwargs); NaN when torch.compile fails on the compiled column."""
+    try:
+        return function(*args, **kwargs)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        # torch.compile compiles at the first call; its failure must not cost the other columns.
+        if name != "compiled":
+            raise
+        first_line = (str(error).splitlines() or [""])[0]
+        print(f"{case_name}: torch.compile failed with {type(error).__name__}: {first_line}")
+        return math.nan
 
 
 def print_timings(case: Case, num_tokens: int, timings: dict[str, float]) -> None:
@@ -219,7 +232,8 @@ def run_gpu(tokens: list[int], dtype: torch.dtype) -> None:
     print(f"{'tokens':>8s} {'kernel':>10s} {'torch':>10s} {'compiled':>10s}")
     for num_tokens in tokens:
         case = masked_mse_case(num_tokens, dtype, "cuda")
-        peaks = {name: peak_extra_mib(run, case.leaves) for name, run in case.run.items()}
+        peaks = {name: measure(case.name, name, peak_extra_mib, run, case.leaves)
+                 for name, run in case.run.items()}
         print(f"{num_tokens:>8d} {peaks['kernel']:10.2f} {peaks['torch']:10.2f} "
               f"{peaks.get('compiled', math.nan):10.2f}")
 

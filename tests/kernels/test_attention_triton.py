@@ -174,6 +174,12 @@ def test_mixed_dtypes_rejected():
         unpadded_attention_triton(q, k.double(), v, cu_seqlens, 3)
 
 
+def test_head_dim_above_limit_rejected():
+    q, k, v, cu_seqlens = make_packed([2, 3], head_dim=257, seed=22)
+    with pytest.raises(ValueError, match="head dim 257 is above the 256"):
+        unpadded_attention_triton(q, k, v, cu_seqlens, 3)
+
+
 def test_dispatcher_selects_kernel(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     q, k, v, cu_seqlens = make_packed([6, 0, 10], seed=20)
