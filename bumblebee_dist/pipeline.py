@@ -24,14 +24,14 @@ class DemoSettings:
     """Sizes of the demo; the defaults run in minutes on a 2-core CPU machine."""
 
     out: str = "runs/demo"  # everything the demo makes goes under this folder
-    ttbar_events: int = 24000  # ttbar events generated (before selection)
-    eta_t_events: int = 12000  # eta_t events generated (before selection)
+    ttbar_events: int = 36000  # ttbar events generated (before selection)
+    eta_t_events: int = 36000  # eta_t events generated (before selection)
     seed: int = 1  # data set seed; training seeds derive from it
     events_per_shard: int = 1000  # generated events per shard (one Ray task each)
     workers: int = 2  # Ray worker processes for generation
     preset: str = "small"  # model preset
-    pretrain_epochs: int = 4
-    finetune_epochs: int = 4
+    pretrain_epochs: int = 16
+    finetune_epochs: int = 10
     num_ranks: int = 0  # DeepSpeed ranks; 0 = one per GPU, or 2 on a CPU-only machine
 
     @property
