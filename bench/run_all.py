@@ -50,6 +50,7 @@ def main() -> None:
             _run("data_prep.ray_job", "--out", str(data), "--ttbar-events", "3000",
                  "--eta-t-events", "1500", "--events-per-shard", "500", "--workers", "2")
         _run("bench.loader", "--data", str(data), "--epochs", "3")
+        _run("bench.train", "--data", str(data))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+"""Four-rank checks run by ``test_train_multinode.py`` as four "nodes" on one machine.
+
+Usage: launch/local_multinode.sh --nodes 4 tests/train/ds_stages_harness.py DATA_DIR OUT_DIR
+
+1. ``launch/pretrain.py`` itself runs a few steps of pre-training (ZeRO-3, tiny preset) into
+   OUT_DIR/pretrain, with a checkpoint and an export;
+2. ZeRO stages 0, 1, 2 and 3, each on a fresh engine, take the same 3 fp32 steps; rank 0
+   records the logged losses, the parameters after every step against one plain PyTorch process,
+   and the exported safetensors against the engine;
+3. gradient accumulation: one micro-batch of 8 events per rank against 4 micro-batches of 2;
+4. a toy model with an odd parameter count (27) and a 1-element bias, under ZeRO-2 and ZeRO-3.
+
+Rank 0 writes OUT_DIR/stages.json for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+from bumblebee_dist.config import RunConfig, TrainConfig, model_preset
+from bumblebee_dist.data.loader import EventLoader
+from bumblebee_dist.model import BumblebeeEncoder
+from bumblebee_dist.train.engine import DistInfo, build_engine, init_distributed
+from bumblebee_dist.train.export import (expected_shapes, export_model, gather_fp32_state_dict,
+                                         load_exported)
+from bumblebee_dist.train.loop import STEP_LOG_NAME, PretrainTask, StepInputs, Trainer
+
+SEED = 7
+STEPS = 3
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_entry_point(data_dir: Path, out_dir: Path, expected_world_size: str) -> None:
+    """Run launch/pretrain.py in this process, as the launcher would."""
+    sys.argv = ["launch/pretrain.py", "--expected_world_size", expected_world_size,
+                "--preset", "tiny", f"data.path={data_dir}", "data.max_tokens=256",
+                f"train.run_dir={out_dir / 'pretrain'}", "train.max_steps=3",
+                "train.checkpoint_every=2", "train.zero_stage=3", "train.log_every=1",
+                "tracking.enabled=false"]
+    runpy.run_path(str(REPO_ROOT / "launch" / "pretrain.py"), run_name="__main__")
+
+
+def slice_events(inputs: StepInputs, start: int, stop: int) -> StepInputs:
+    """Events ``start:stop`` of a packed micro-batch, as a packed micro-batch of their own."""
+    first, last = int(inputs.cu_seqlens[start]), int(inputs.cu_seqlens[stop])
+    offsets = inputs.cu_seqlens[start:stop + 1] - first
+    lengths = offsets[1:] - offsets[:-1]
+    tokens = {name: getattr(inputs, name)[first:last]
+              for name in ("features", "pdg_index", "level", "mask", "target", "loss_mask")}
+    return StepInputs(cu_seqlens=offsets.to(torch.int32), max_seqlen=int(lengths.max()), **tokens)
+
+
+def stage_config(stage: int, run_dir: Path, grad_accum: int = 1, lr: float = 1e-3) -> RunConfig:
+    config = RunConfig(model_preset="tiny", model=model_preset("tiny"))
+    config.train = TrainConfig(run_dir=str(run_dir), zero_stage=stage, grad_accum=grad_accum,
+                               precision="fp32", lr=lr, warmup_steps=1, max_steps=STEPS,
+                               weight_decay=0.0, grad_clip=1.0, log_every=1)
+    return config
+
+
+def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: DistInfo,
+                export_dir: Path | None = None) -> dict:
+    """Train on a fresh engine, one optimizer step per entry of ``steps`` (this rank's inputs)."""
+    Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
+    engine = build_engine(BumblebeeEncoder(config.model, init_seed=SEED), config.train, dist)
+    trainer = Trainer(config, PretrainTask(), engine, loader)
+    states = []
+    for group in steps:
+        trainer._after_step(trainer.train_step(group), None)
+        states.append(gather_fp32_state_dict(engine.engine.module))
+    out: dict = {"states": states}
+    if export_dir is not None:
+        exported = export_model(engine.engine.module, config.model, export_dir)
+        probe = steps[0][0]
+        engine.engine.eval()
+        with torch.no_grad():
+            engine_output = engine.engine(*probe.forward_args())
+        if dist.is_main:
+            plain = load_exported(exported)
+            with torch.no_grad():
+                plain_output = plain(*probe.forward_args())
+            out["export_output_difference"] = float((plain_output - engine_output).abs().max())
+            out["export_weights_difference"] = max_difference(states[-1], plain.state_dict())
+            out["export_numel"] = sum(t.numel() for t in plain.state_dict().values())
+    if dist.is_main:
+        rows = (Path(config.train.run_dir) / STEP_LOG_NAME).read_text().splitlines()
+        out["logged_losses"] = [json.loads(row)["loss"] for row in rows]
+        out["logged_grad_norms"] = [json.loads(row)["grad_norm"] for row in rows]
+    return out
+
+
+def check_stages(data_dir: Path, out_dir: Path, dist: DistInfo) -> dict:
+    """Same 3 steps under ZeRO 0 to 3 and in one plain process; losses, weights and exports."""
+    loader = EventLoader(str(data_dir), "train", rank=0, world_size=1, seed=SEED, max_tokens=160)
+    batches = iter(loader)
+    task = PretrainTask()
+    global_steps = [[task.prepare(next(batches)) for _ in range(dist.world_size)] for _ in range(STEPS)]
+    local_steps = [[group[dist.rank]] for group in global_steps]
+    report: dict = {"model_numel": sum(int(torch.tensor(shape).prod())
+                                       for shape in expected_shapes(model_preset("tiny")).values())}
+    reference = None
+    if dist.is_main:
+        reference = ReferenceProcess(stage_config(0, out_dir / "unused").train, STEPS)
+        report["reference_losses"] = [reference.run_step(group) for group in global_steps]
+    for stage in (0, 1, 2, 3):
+        config = stage_config(stage, out_dir / f"stage{stage}")
+        result = train_steps(config, loader, local_steps, dist, out_dir / f"export_stage{stage}")
+        if dist.is_main:
+            result["param_difference_to_reference"] = max_difference(
+                result["states"][-1], reference.model.state_dict())
+            result.pop("states")
+            report[f"stage{stage}"] = result
+    return report
+
+
+def check_accumulation(data_dir: Path, out_dir: Path, dist: DistInfo) -> dict:
+    """One micro-batch of 8 events per rank against 4 micro-batches of 2 with accumulation."""
+    loader = EventLoader(str(data_dir), "train", rank=0, world_size=1, seed=SEED, max_tokens=4096)
+    task = PretrainTask()
+    batch = task.prepare(next(iter(loader)))
+    assert batch.num_events >= 8 * dist.world_size * STEPS, batch.num_events
+    whole, split = [], []
+    for step in range(STEPS):
+        start = (step * dist.world_size + dist.rank) * 8
+        whole.append([slice_events(batch, start, start + 8)])
+        split.append([slice_events(batch, start + 2 * part, start + 2 * part + 2) for part in range(4)])
+    # AdamW divides by the root of the second moment, which in the first steps turns the rounding
+    # of near-zero gradients into updates of up to about lr; lr=1e-4 keeps that below 1e-5.
+    one = train_steps(stage_config(2, out_dir / "accum1", lr=1e-4), loader, whole, dist)
+    four = train_steps(stage_config(2, out_dir / "accum4", grad_accum=4, lr=1e-4), loader, split,
+                       dist)
+    if not dist.is_main:
+        return {}
+    return {"accumulation": {
+        "losses_one_micro_batch": one["logged_losses"],
+        "losses_four_micro_batches": four["logged_losses"],
+        "grad_norms_one_micro_batch": one["logged_grad_norms"],
+        "grad_norms_four_micro_batches": four["logged_grad_norms"],
+        "param_differences": [max_difference(a, b) for a, b in zip(one["states"], four["states"])]}}
+
+
+class OddToy(torch.nn.Module):
+    """27 parameters (not divisible by 4 ranks), with a 1-element bias on the score head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embedding = torch.nn.Embedding(5, 3)  # 15
+        self.head = torch.nn.Linear(3, 2)  # 8
+        self.score = torch.nn.Linear(3, 1)  # 4, bias of 1 element
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(index)
+        return torch.cat([self.head(hidden), self.score(hidden)], dim=-1)
+
+
+def train_toy(model: torch.nn.Module, step_fn) -> None:
+    index = torch.arange(5)
+    for _ in range(2):
+        step_fn(model(index).square().mean() + model(index)[:, 2].mean())
+
+
+def check_odd_toy(stage: int, out_dir: Path, dist: DistInfo) -> dict:
+    """Train the odd toy 2 steps, export its gathered state, compare with plain PyTorch."""
+    import deepspeed
+    from safetensors.torch import load_file, save_file
+
+    from bumblebee_dist.train.export import check_state_dict
+
+    model = OddToy()
+    initial_bias = model.score.bias.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero})
+
+    def engine_step(loss):
+        engine.backward(loss)
+        engine.step()
+
+    train_toy(engine, engine_step)
+    state = gather_fp32_state_dict(engine.module)
+    if not dist.is_main:
+        return {}
+    plain = OddToy()
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def plain_step(loss):
+        plain_optimizer.zero_grad()
+        loss.backward()
+        plain_optimizer.step()
+
+    train_toy(plain, plain_step)
+    shapes = {name: tuple(t.shape) for name, t in plain.state_dict().items()}
+    check_state_dict(state, shapes)
+    path = out_dir / f"odd_stage{stage}.safetensors"
+    save_file(state, str(path))
+    exported = load_file(str(path))
+    return {f"odd_stage{stage}": {
+        "numel": sum(t.numel() for t in exported.values()),
+        "model_numel": sum(p.numel() for p in plain.parameters()),
+        "export_equals_gathered": all(torch.equal(exported[k], state[k]) for k in state),
+        "difference_to_plain": max_difference(exported, plain.state_dict()),
+        "score_bias_shape": list(exported["score.bias"].shape),
+        "score_bias_change": float((exported["score.bias"] - initial_bias).abs().max())}}
+
+
+def main() -> None:
+    data_dir, out_dir = Path(sys.argv[-2]), Path(sys.argv[-1])
+    expected = sys.argv[sys.argv.index("--expected_world_size") + 1]
+    run_entry_point(data_dir, out_dir, expected)
+    # Imported after the entry point ran with the shipped DeepSpeed config: importing ds_harness
+    # makes ZeRO-3 partition every parameter of the tiny preset from here on.
+    global ReferenceProcess, max_difference
+    from ds_harness import ReferenceProcess, max_difference
+    dist = init_distributed()
+    report = {"world_size": dist.world_size, "backend": dist.backend}
+    report.update(check_stages(data_dir, out_dir, dist))
+    report.update(check_accumulation(data_dir, out_dir, dist))
+    for stage in (2, 3):
+        report.update(check_odd_toy(stage, out_dir, dist))
+    if dist.is_main:
+        (out_dir / "stages.json").write_text(json.dumps(report, indent=1))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
