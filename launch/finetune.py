@@ -10,37 +10,14 @@ CPU ranks over gloo. Everything else lives in ``bumblebee_dist.finetune``.
 
 from __future__ import annotations
 
-import argparse
-
-from bumblebee_dist.config import load_config
 from bumblebee_dist.finetune import run_finetuning
-from bumblebee_dist.train.preflight import check_launch_world_size
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; overrides may come before or after the options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML or JSON config file")
-    parser.add_argument("--preset", help="model preset: paper, small or tiny")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: newest complete checkpoint in train.run_dir (default); "
-                             "none: start fresh; or a checkpoint folder")
-    parser.add_argument("--local_rank", type=int, default=None,
-                        help="set by the deepspeed launcher; ranks are read from the environment")
-    parser.add_argument("--expected_world_size", type=int, default=None,
-                        help="ranks the job must have; set by bumblebee_dist.launching, and the "
-                             "job stops when the launcher started another number")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="config overrides, applied after the file")
-    return parser.parse_intermixed_args(argv)
+from bumblebee_dist.train.entry import job_config
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the config and run the fine-tuning job."""
-    args = parse_args(argv)
-    check_launch_world_size(args.expected_world_size)
-    config = load_config(args.config, args.overrides, preset=args.preset)
-    run_finetuning(config, resume=args.resume)
+    config, resume = job_config(__doc__.splitlines()[0], argv)
+    run_finetuning(config, resume=resume)
 
 
 if __name__ == "__main__":
