@@ -37,6 +37,7 @@ def _add_demo(subparsers) -> None:
         "pretrain_epochs": "pre-training epochs over the train split",
         "finetune_epochs": "fine-tuning epochs over the train split",
         "num_ranks": "DeepSpeed ranks (0: one per GPU, or 2 CPU ranks without a GPU)",
+        "max_tokens": "token budget of one packed micro-batch per rank",
     }
     for field in dataclasses.fields(DemoSettings):
         default = getattr(defaults, field.name)

@@ -32,6 +32,7 @@ class DemoSettings:
     preset: str = "small"  # model preset
     pretrain_epochs: int = 16
     finetune_epochs: int = 10
+    max_tokens: int = 2048  # token budget of one packed micro-batch per rank
     num_ranks: int = 0  # DeepSpeed ranks; 0 = one per GPU, or 2 on a CPU-only machine
 
     @property
@@ -92,7 +93,8 @@ def _training_args(settings: DemoSettings, kind: str, extra: list[str]) -> list[
     return [
         "--config", f"configs/{kind}.yaml", "--preset", settings.preset, "--resume", "auto",
         f"data.path={settings.root / 'data'}", f"train.run_dir={run_dir}",
-        f"train.seed={settings.seed}", f"tracking.uri={settings.tracking_uri}", *extra,
+        f"train.seed={settings.seed}", f"tracking.uri={settings.tracking_uri}",
+        f"data.max_tokens={settings.max_tokens}", *extra,
     ]
 
 

@@ -223,7 +223,15 @@ class Trainer:
             return train.epochs * max(1, len(loader) // train.grad_accum)
         steps = sum(loader.epoch_plan(epoch).batches_per_rank // train.grad_accum
                     for epoch in range(train.epochs))
-        return max(1, steps)
+        if steps == 0:
+            plan = loader.epoch_plan(0)
+            raise ValueError(
+                f"the train split gives 0 optimizer steps: {loader.num_events} events in "
+                f"{plan.batches_per_rank} batches per rank on {self.dist.world_size} ranks with "
+                f"data.max_tokens={self.config.data.max_tokens} and "
+                f"train.grad_accum={train.grad_accum}; lower data.max_tokens, use fewer ranks "
+                f"or generate more events")
+        return steps
 
     def done(self) -> bool:
         """True once max_steps (when set) or the last epoch is reached."""
