@@ -5,6 +5,7 @@
     bumblebee pretrain [ARGS]            deepspeed launch/pretrain.py ARGS on this machine
     bumblebee finetune [ARGS]            deepspeed launch/finetune.py ARGS on this machine
     bumblebee evaluate --data DIR ...    AUROC, baselines and reconstruction on the test split
+    bumblebee models list|alias|compare  registered models, aliases, versions side by side
 """
 
 from __future__ import annotations
@@ -66,6 +67,56 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the MLP baseline and bootstrap")
 
 
+DEMO_TRACKING_URI = "sqlite:///runs/demo/mlflow.db"
+
+
+def _add_models(subparsers) -> None:
+    parser = subparsers.add_parser("models", help="list, alias and compare registered models")
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="registered models with versions and aliases")
+    alias = actions.add_parser("alias", help="point an alias (champion, challenger) at a version")
+    alias.add_argument("name", help="registered model name, e.g. bumblebee-toponium")
+    alias.add_argument("alias", help="alias to set, e.g. champion")
+    alias.add_argument("version", help="version the alias points to")
+    compare = actions.add_parser("compare", help="registered versions on the same test events")
+    compare.add_argument("uris", nargs="+", help="models:/name/version or models:/name@alias")
+    compare.add_argument("--data", required=True, help="data set folder holding manifest.json")
+    compare.add_argument("--out", required=True, help="folder for compare.json and plots")
+    compare.add_argument("--kind", choices=("classifier", "reconstruction"), default="classifier",
+                         help="classifier: AUROC and ROC curves; reconstruction: resolutions")
+    compare.add_argument("--task", default="toponium", choices=("toponium", "initial_state"))
+    for action in (listing, alias, compare):
+        action.add_argument("--tracking-uri", default=DEMO_TRACKING_URI,
+                            help=f"MLflow tracking URI (default: the demo's, {DEMO_TRACKING_URI})")
+
+
+def _run_models(args) -> None:
+    from bumblebee_dist.tracking import ModelRegistry, make_client
+
+    if args.action == "alias":
+        ModelRegistry(args.tracking_uri).set_alias(args.name, args.alias, args.version)
+        print(f"{args.name}@{args.alias} -> version {args.version}")
+        return
+    if args.action == "list":
+        client = make_client(args.tracking_uri)
+        for model in client.search_registered_models():
+            aliases = {str(v): a for a, v in (model.aliases or {}).items()}
+            for version in sorted(client.search_model_versions(f"name='{model.name}'"),
+                                  key=lambda item: int(item.version)):
+                mark = f"  @{aliases[str(version.version)]}" if str(version.version) in aliases else ""
+                print(f"{model.name}/{version.version}{mark}  run {version.run_id}")
+        return
+    from bumblebee_dist.evaluate import compare
+
+    data, out = Path(args.data), Path(args.out)
+    if args.kind == "classifier":
+        result = compare.compare_classifiers(args.uris, data, out, task=args.task,
+                                             tracking_uri=args.tracking_uri)
+    else:
+        result = compare.compare_reconstruction(args.uris, data, out, tracking_uri=args.tracking_uri)
+    print(compare.format_comparison(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="bumblebee", description=__doc__,
@@ -76,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(subparsers, "pretrain", "launch/pretrain.py")
     _add_training(subparsers, "finetune", "launch/finetune.py")
     _add_evaluate(subparsers)
+    _add_models(subparsers)
     return parser
 
 
@@ -103,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(**{field.name: getattr(args, field.name)
                                    for field in dataclasses.fields(DemoSettings)})
         run_demo(settings)
+        return 0
+    if args.command == "models":
+        _run_models(args)
         return 0
     from bumblebee_dist.evaluate.run import run_evaluation
 

@@ -110,13 +110,21 @@ def step_pretrain(settings: DemoSettings) -> dict:
 
 
 def step_finetune(settings: DemoSettings) -> dict:
-    """Fine-tune the registered pre-trained model on toponium vs ttbar; return result.json."""
+    """Fine-tune the pre-trained model of this demo on toponium vs ttbar; return result.json.
+
+    It starts from the exact registry version the pre-training step registered (not an alias,
+    which an earlier demo in the same store may hold), or from its export when none was
+    registered.
+    """
     from bumblebee_dist.launching import run_deepspeed
 
+    pretrain = _read_json(settings.root / "pretrain" / "result.json")
+    version = pretrain.get("registered_version")
+    source = (f"models:/{pretrain['registered_model']}/{version}" if version
+              else pretrain["export_path"])
     args = _training_args(settings, "finetune", [
         f"train.epochs={settings.finetune_epochs}", "finetune.task=toponium",
-        f"finetune.pretrained=models:/{PRETRAINED_MODEL}@champion",
-        f"tracking.registered_model={FINETUNED_MODEL}"])
+        f"finetune.pretrained={source}", f"tracking.registered_model={FINETUNED_MODEL}"])
     run_deepspeed("launch/finetune.py", args, num_ranks=settings.num_ranks or None)
     return _read_json(settings.root / "finetune" / "result.json")
 

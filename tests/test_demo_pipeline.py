@@ -5,6 +5,7 @@ import json
 import mlflow
 import pytest
 
+from bumblebee_dist.cli import main
 from bumblebee_dist.pipeline import FINETUNED_MODEL, PRETRAINED_MODEL, DemoSettings, run_demo
 
 
@@ -43,6 +44,17 @@ def test_demo_chain_end_to_end(tmp_path, capsys):
     assert len(client.list_artifacts(data_run.info.run_id, "validation_plots")) > 5
     for name in (PRETRAINED_MODEL, FINETUNED_MODEL):
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+
+    # The registry comparison scores the same test events as the demo's evaluation.
+    main(["models", "compare", "--tracking-uri", settings.tracking_uri, "--data",
+          str(tmp_path / "demo" / "data"), "--out", str(tmp_path / "compare"),
+          f"models:/{FINETUNED_MODEL}@champion", f"models:/{FINETUNED_MODEL}/1"])
+    compared = json.loads((tmp_path / "compare" / "compare.json").read_text())["models"]
+    demo_auroc = models["bumblebee (fine-tuned)"]["auroc"]
+    assert compared[f"models:/{FINETUNED_MODEL}@champion"]["auroc"] == pytest.approx(demo_auroc)
+    assert compared[f"models:/{FINETUNED_MODEL}/1"]["num_events"] == \
+        models["bumblebee (fine-tuned)"]["num_events"]
+    assert (tmp_path / "compare" / "compare_roc_toponium.png").stat().st_size > 1000
 
     # A second start finds every step complete and changes nothing.
     again = run_demo(settings)
