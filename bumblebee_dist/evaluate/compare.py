@@ -44,7 +44,7 @@ def compare_classifiers(uris: list[str], data_path: Path, out_dir: Path, *, task
 
 def compare_reconstruction(uris: list[str], data_path: Path, out_dir: Path, *,
                            tracking_uri: str) -> dict:
-    """Reconstruction residuals of every pre-trained model in ``uris``; write compare.json."""
+    """Compute the reconstruction residuals of every pre-trained model in ``uris``; write compare.json."""
     registry = ModelRegistry(tracking_uri)
     manifest = read_manifest(data_path / "manifest.json")
     stats = FeatureStats.from_manifest(manifest.feature_stats)
