@@ -6,6 +6,7 @@
     bumblebee finetune [ARGS]            deepspeed launch/finetune.py ARGS on this machine
     bumblebee evaluate --data DIR ...    AUROC, baselines and reconstruction on the test split
     bumblebee models list|alias|compare  registered models, aliases, versions side by side
+    bumblebee info [--preset paper]      a model preset's shape and parameter count
 """
 
 from __future__ import annotations
@@ -117,6 +118,22 @@ def _run_models(args) -> None:
     print(compare.format_comparison(result))
 
 
+def _add_info(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="print a model preset's shape and parameter count")
+    parser.add_argument("--preset", default="paper", help="model preset: tiny, small or paper")
+
+
+def _run_info(preset: str) -> None:
+    from bumblebee_dist.config import model_preset
+    from bumblebee_dist.model import BumblebeeEncoder, count_parameters
+
+    config = model_preset(preset)
+    model = BumblebeeEncoder(config, init_seed=None)
+    print(f"preset {preset}: {config.num_layers} layers, width {config.hidden_size}, "
+          f"{config.num_heads} heads, feed-forward {config.ffn_size}")
+    print(f"parameters: {count_parameters(model):,}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="bumblebee", description=__doc__,
@@ -128,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(subparsers, "finetune", "launch/finetune.py")
     _add_evaluate(subparsers)
     _add_models(subparsers)
+    _add_info(subparsers)
     return parser
 
 
@@ -155,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(**{field.name: getattr(args, field.name)
                                    for field in dataclasses.fields(DemoSettings)})
         run_demo(settings)
+        return 0
+    if args.command == "info":
+        _run_info(args.preset)
         return 0
     if args.command == "models":
         _run_models(args)
