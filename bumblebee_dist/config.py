@@ -101,6 +101,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
+    # ZeRO-3 keeps parameters of at most this many elements whole on every rank and partitions
+    # the larger ones; DeepSpeed 0.19's default is 100000. 0 partitions every parameter.
+    zero3_param_persistence_threshold: int = 100_000
     precision: str = "auto"  # "fp32", "bf16", or "auto" (bf16 on GPU, fp32 on CPU)
     log_every: int = 10  # optimizer steps between log lines
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0 means only at the end
@@ -123,6 +126,9 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _check(self.zero3_param_persistence_threshold >= 0,
+               "train.zero3_param_persistence_threshold", self.zero3_param_persistence_threshold,
+               "must be >= 0 (0 partitions every parameter)")
         _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", self.precision,
                "must be 'auto', 'fp32' or 'bf16'")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")

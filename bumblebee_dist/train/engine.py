@@ -99,6 +99,8 @@ def deepspeed_config(train: TrainConfig, precision: str) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=False)
+    if train.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = train.zero3_param_persistence_threshold
     return {
         # One micro-batch is one token-budget packed batch, whatever its event count.
         "train_micro_batch_size_per_gpu": 1,

@@ -14,6 +14,16 @@ by an all-reduce before the optimizer update, which a closed ``StepGate`` then t
 no-op; DeepSpeed clears the gradients as after any step). Either way all ranks run the same
 collectives, the step is logged as skipped, and the next step runs normally.
 
+Same collectives on every rank. Under ZeRO-3 a forward pass is a collective: it all-gathers the
+partitioned parameters, and in DeepSpeed 0.19 the first two forward passes also broadcast the
+module order from rank 0. A rank that runs one forward pass more than the others waits in it
+while the others wait in their next collective, so the job hangs (or, where mismatched
+collectives happen to pair up, goes on with wrong values). Every rank must therefore run the
+same number of forward passes, empty batches included. The loaders promise the same batch count
+on every rank, and ``agree_on_count`` checks it with one all-reduce when the trainer starts and
+before each validation pass. A data set that differs between ranks (another copy on one node, a
+shard skipped as corrupt on one rank only) then stops every rank with an error.
+
 Logging. Rank 0 alone writes one log line per ``train.log_every`` steps (step, loss, grad norm,
 learning rate, events/s, tokens/s, data-wait share, peak memory, and model FLOPs utilization
 where the device peak is known, see ``bumblebee_dist.train.throughput``), sends the same values
@@ -181,6 +191,31 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+class RankMismatchError(RuntimeError):
+    """Ranks disagree on a count that must be equal, so their collectives would not match."""
+
+
+def agree_on_count(count: int, description: str, device: torch.device) -> int:
+    """Check that every rank passed the same ``count`` and return it (collective).
+
+    Raises RankMismatchError on every rank, not only on the ranks that differ, when the counts
+    differ. ``description`` names the count in the message.
+    """
+    if not torch.distributed.is_initialized():
+        return count
+    # One all-reduce of (count, -count) with MAX gives the largest and the smallest count.
+    bounds = torch.tensor([count, -count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+    largest, smallest = int(bounds[0]), -int(bounds[1])
+    if largest != smallest:
+        raise RankMismatchError(
+            f"ranks disagree on {description}: between {smallest} and {largest} (this rank "
+            f"{torch.distributed.get_rank()}: {count}). Under ZeRO-3 each forward pass is a "
+            "collective, so the ranks would hang. Every rank must read the same data set: use one "
+            "data.path that every node shares and check the log for shards skipped as corrupt")
+    return count
+
+
 def _inputs_finite(inputs: StepInputs) -> bool:
     visible = ~inputs.mask
     return bool(torch.isfinite(inputs.features[visible]).all()
@@ -210,6 +245,14 @@ class Trainer:
                                    for p in engine.engine.module.parameters())
         peak = peak_flops_per_device(engine.precision)
         self._peak_flops = peak * self.dist.world_size if peak else None
+        self._check_loaders_agree()
+
+    def _check_loaders_agree(self) -> None:
+        """Check that the loaders give every rank the same number of batches (collective)."""
+        device = self.engine.device
+        agree_on_count(len(self.train_loader), "the train batches per rank", device)
+        if self.val_loader is not None:
+            agree_on_count(len(self.val_loader), "the validation batches per rank", device)
 
     def _total_steps(self) -> int:
         # Batches per epoch vary a little between epochs (packing follows the shuffled order),
@@ -427,10 +470,14 @@ class Trainer:
         rewind = dict(loader.state_dict(), epoch=0, position=0)
         loader.load_state_dict(rewind)  # the same events and masks at every pass
         limit = self.config.train.val_max_batches
+        batches = min(len(loader), limit) if limit else len(loader)
+        # Every rank runs exactly this many forward passes; ranks that run out of events get
+        # empty batches from the loader and still run the forward pass (see the module docstring).
+        batches = agree_on_count(batches, "the validation batches per rank", self.engine.device)
         sse, count = 0.0, 0
-        for index, batch in enumerate(loader):
-            if limit and index >= limit:
-                break
+        iterator = iter(loader)
+        for _ in range(batches):
+            batch = next(iterator)
             inputs = self.task.prepare(batch).to(self.engine.device, self.engine.input_dtype)
             prediction = self.engine.engine(*inputs.forward_args())
             sse += float(masked_mse(prediction, inputs.target, inputs.loss_mask, 1.0))

@@ -22,7 +22,6 @@ from bumblebee_dist.config import RunConfig, TrainConfig, model_preset
 from bumblebee_dist.data.loader import EventLoader
 from bumblebee_dist.model import BumblebeeEncoder
 from bumblebee_dist.train import checkpoint as ckpt
-from bumblebee_dist.train import engine as engine_module
 from bumblebee_dist.train.engine import build_engine, build_optimizer, init_distributed, lr_at
 from bumblebee_dist.train.export import (ExportError, expected_shapes,
                                          gather_fp32_state_dict, load_exported, write_export)
@@ -31,23 +30,6 @@ from kernels.dispatch import masked_mse
 
 ACCUM = 2
 SEED = 7
-
-
-def partition_everything(original):
-    """Wrap the config builder so ZeRO-3 partitions every parameter of the tiny model.
-
-    ZeRO-3 keeps parameters below ``stage3_param_persistence_threshold`` (1e5 elements by
-    default) whole on every rank, which would be all of the tiny preset's.
-    """
-    def build(train, precision):
-        config = original(train, precision)
-        if train.zero_stage == 3:
-            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        return config
-    return build
-
-
-engine_module.deepspeed_config = partition_everything(engine_module.deepspeed_config)
 
 
 def concat_inputs(parts: list[StepInputs]) -> StepInputs:
@@ -105,7 +87,8 @@ def run_stage(stage: int, data_dir: Path, out_dir: Path, dist) -> dict:
     config = RunConfig(model_preset="tiny", model=model_preset("tiny"))
     config.train = TrainConfig(run_dir=str(out_dir / f"run_stage{stage}"), zero_stage=stage,
                                grad_accum=ACCUM, lr=1e-3, warmup_steps=1, max_steps=8,
-                               weight_decay=0.0, grad_clip=1.0, log_every=1)
+                               weight_decay=0.0, grad_clip=1.0, log_every=1,
+                               zero3_param_persistence_threshold=0)
     loader = EventLoader(str(data_dir), "train", rank=0, world_size=1, seed=SEED, max_tokens=160,
                          mask_mode="pretrain")
     batches = iter(loader)

@@ -2,8 +2,11 @@
 
 Usage: launch/local_multinode.sh --nodes 4 tests/train/ds_stages_harness.py DATA_DIR OUT_DIR
 
-1. ``launch/pretrain.py`` itself runs a few steps of pre-training (ZeRO-3, tiny preset) into
-   OUT_DIR/pretrain, with a checkpoint and an export;
+1. ``launch/pretrain.py`` itself runs a few steps of pre-training into OUT_DIR/pretrain: tiny
+   preset, ZeRO-3 with every parameter partitioned, a checkpoint and an export. It validates
+   in the middle of training and at the end, and one rank gets an empty validation batch.
+   Then ``agree_on_count`` is given a count that differs on rank 0 and must raise on every
+   rank;
 2. ZeRO stages 0, 1, 2 and 3, each on a fresh engine, take the same 3 fp32 steps; rank 0
    records the logged losses, the parameters after every step against one plain PyTorch process,
    and the exported safetensors against the engine;
@@ -28,7 +31,9 @@ from bumblebee_dist.model import BumblebeeEncoder
 from bumblebee_dist.train.engine import DistInfo, build_engine, init_distributed
 from bumblebee_dist.train.export import (expected_shapes, export_model, gather_fp32_state_dict,
                                          load_exported)
-from bumblebee_dist.train.loop import STEP_LOG_NAME, PretrainTask, StepInputs, Trainer
+from bumblebee_dist.train.loop import (STEP_LOG_NAME, PretrainTask, RankMismatchError,
+                                       StepInputs, Trainer, agree_on_count, all_reduce_sum)
+from ds_harness import ReferenceProcess, max_difference
 
 SEED = 7
 STEPS = 3
@@ -40,9 +45,22 @@ def run_entry_point(data_dir: Path, out_dir: Path, expected_world_size: str) -> 
     sys.argv = ["launch/pretrain.py", "--expected_world_size", expected_world_size,
                 "--preset", "tiny", f"data.path={data_dir}", "data.max_tokens=256",
                 f"train.run_dir={out_dir / 'pretrain'}", "train.max_steps=3",
-                "train.checkpoint_every=2", "train.zero_stage=3", "train.log_every=1",
+                "train.checkpoint_every=2", "train.val_every=2", "train.zero_stage=3",
+                "train.zero3_param_persistence_threshold=0", "train.log_every=1",
                 "tracking.enabled=false"]
     runpy.run_path(str(REPO_ROOT / "launch" / "pretrain.py"), run_name="__main__")
+
+
+def check_count_guard(dist: DistInfo) -> dict:
+    """A count that differs on rank 0 must raise on every rank; an equal one must pass."""
+    try:
+        agree_on_count(2 if dist.is_main else 1, "the test count", torch.device("cpu"))
+        message = ""
+    except RankMismatchError as error:
+        message = str(error)
+    raised, = all_reduce_sum([float(bool(message))], torch.device("cpu"))
+    equal = agree_on_count(5, "the test count", torch.device("cpu"))
+    return {"guard": {"ranks_raised": int(raised), "message": message, "equal_count": equal}}
 
 
 def slice_events(inputs: StepInputs, start: int, stop: int) -> StepInputs:
@@ -59,7 +77,8 @@ def stage_config(stage: int, run_dir: Path, grad_accum: int = 1, lr: float = 1e-
     config = RunConfig(model_preset="tiny", model=model_preset("tiny"))
     config.train = TrainConfig(run_dir=str(run_dir), zero_stage=stage, grad_accum=grad_accum,
                                precision="fp32", lr=lr, warmup_steps=1, max_steps=STEPS,
-                               weight_decay=0.0, grad_clip=1.0, log_every=1)
+                               weight_decay=0.0, grad_clip=1.0, log_every=1,
+                               zero3_param_persistence_threshold=0)
     return config
 
 
@@ -216,12 +235,9 @@ def main() -> None:
     data_dir, out_dir = Path(sys.argv[-2]), Path(sys.argv[-1])
     expected = sys.argv[sys.argv.index("--expected_world_size") + 1]
     run_entry_point(data_dir, out_dir, expected)
-    # Imported after the entry point ran with the shipped DeepSpeed config: importing ds_harness
-    # makes ZeRO-3 partition every parameter of the tiny preset from here on.
-    global ReferenceProcess, max_difference
-    from ds_harness import ReferenceProcess, max_difference
     dist = init_distributed()
     report = {"world_size": dist.world_size, "backend": dist.backend}
+    report.update(check_count_guard(dist))
     report.update(check_stages(data_dir, out_dir, dist))
     report.update(check_accumulation(data_dir, out_dir, dist))
     for stage in (2, 3):

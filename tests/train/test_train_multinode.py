@@ -1,8 +1,10 @@
 """Four CPU ranks started as four "nodes" by ``launch/local_multinode.sh``.
 
-One launch (about 90 s on 2 cores) runs ``ds_stages_harness.py``: pre-training through
-``launch/pretrain.py`` on 4 ranks, ZeRO stages 0 to 3 against one plain process, gradient
-accumulation against one larger micro-batch, and exports of a model with an odd parameter count.
+One launch (about 90 s on 2 cores) runs ``ds_stages_harness.py``. It pre-trains through
+``launch/pretrain.py`` on 4 ranks under ZeRO-3 with every parameter partitioned, with
+validation, a checkpoint and the export. It then checks that ranks agree on a batch count,
+compares ZeRO stages 0 to 3 against one plain process and gradient accumulation against one
+larger micro-batch, and exports a model with an odd parameter count.
 """
 
 import json
@@ -32,6 +34,7 @@ def report(tmp_path_factory):
     content = json.loads((root / "stages.json").read_text())
     content["root"] = root
     content["hostfile"] = (root / "nodes" / "hostfile").read_text()
+    content["rank0_log"] = (root / "nodes" / "node0.log").read_text()
     return content
 
 
@@ -50,6 +53,32 @@ def test_pretrain_entry_point_on_four_ranks(report):
     assert result["skipped_steps"] == 0
     model = load_exported(result["export_path"])
     assert model.config.hidden_size == 32
+
+
+def test_pretrain_partitions_every_parameter(report):
+    resolved = json.loads((report["root"] / "pretrain" / "config_resolved.json").read_text())
+    assert resolved["train"]["zero_stage"] == 3
+    assert resolved["train"]["zero3_param_persistence_threshold"] == 0
+
+
+def test_pretrain_validates_with_empty_batch(report):
+    # 40 validation events make 3 batches for 4 ranks, so one rank runs an empty batch.
+    log = report["rank0_log"]
+    assert "epoch 0 of split val: 40 events in 3 batches" in log
+    assert "padded with 1 empty batches" in log
+    assert "step 2 validation: loss" in log
+    assert "step 3 validation: loss" in log
+    result = json.loads((report["root"] / "pretrain" / "result.json").read_text())
+    assert result["last_val_loss"] is not None
+    checkpoints = ckpt.list_complete(ckpt.checkpoint_root(report["root"] / "pretrain"))
+    assert [step for step, _ in checkpoints] == [2, 3]
+
+
+def test_count_mismatch_raises_on_every_rank(report):
+    guard = report["guard"]
+    assert guard["ranks_raised"] == 4
+    assert "ranks disagree on the test count: between 1 and 2" in guard["message"]
+    assert guard["equal_count"] == 5
 
 
 def test_four_rank_checkpoint_rejected_on_two(report):

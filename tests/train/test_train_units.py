@@ -46,6 +46,16 @@ def test_deepspeed_config_from_train_config():
     assert deepspeed_config(train, "bf16")["bf16"]["enabled"] is True
 
 
+def test_deepspeed_config_persistence_threshold():
+    zero = deepspeed_config(TrainConfig(zero_stage=3), "fp32")["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 100_000
+    train = TrainConfig(zero_stage=3, zero3_param_persistence_threshold=0)
+    zero = deepspeed_config(train, "fp32")["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0
+    zero = deepspeed_config(TrainConfig(zero_stage=2), "fp32")["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in zero
+
+
 def test_lr_warmup_then_cosine():
     train = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, train, 110) == pytest.approx(0.1)
