@@ -241,7 +241,7 @@ class Trainer:
         self._window = _Window()
         self._step_log = Path(config.train.run_dir) / STEP_LOG_NAME
         self._stage0_norm: float | None = None
-        self._num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        self.num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                    for p in engine.engine.module.parameters())
         peak = peak_flops_per_device(engine.precision)
         self._peak_flops = peak * self.dist.world_size if peak else None
@@ -392,7 +392,7 @@ class Trainer:
         state.tokens_seen += result.tokens
         self._window.events += result.events
         self._window.tokens += result.tokens
-        self._window.flops += step_flops(self.config.model, self._num_parameters, result.tokens,
+        self._window.flops += step_flops(self.config.model, self.num_parameters, result.tokens,
                                          result.squared_lengths)
         if result.skipped:
             state.skipped_steps += 1

@@ -146,6 +146,11 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     tracker = _start_tracking(config, dist, state, task)
     trainer = Trainer(config, task, engine, train_loader, val_loader, tracker, state,
                       save_checkpoint=make_checkpoint_saver(config))
+    LOG.info("%s: preset %s, %s parameters, %d ranks, ZeRO stage %d, %d train events, "
+             "up to %d tokens per micro-batch, %d optimizer steps; resolved config in %s",
+             task.name, config.model_preset, f"{trainer.num_parameters:,}", dist.world_size,
+             config.train.zero_stage, train_loader.num_events, config.data.max_tokens,
+             trainer.total_steps, run_dir / CONFIG_NAME)
     try:
         trainer.train()
         trainer.run_validation()
