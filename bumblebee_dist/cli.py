@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,6 +95,12 @@ def _add_models(subparsers) -> None:
 def _run_models(args) -> None:
     from bumblebee_dist.tracking import ModelRegistry, make_client
 
+    if args.tracking_uri.startswith("sqlite:///"):
+        store = Path(args.tracking_uri[len("sqlite:///"):])
+        if not store.is_file():
+            raise FileNotFoundError(
+                f"no MLflow store at {store.resolve()}; run the demo first, run this command "
+                f"from the project folder, or pass --tracking-uri")
     if args.action == "alias":
         ModelRegistry(args.tracking_uri).set_alias(args.name, args.alias, args.version)
         print(f"{args.name}@{args.alias} -> version {args.version}")
@@ -101,11 +108,13 @@ def _run_models(args) -> None:
     if args.action == "list":
         client = make_client(args.tracking_uri)
         for model in client.search_registered_models():
-            aliases = {str(v): a for a, v in (model.aliases or {}).items()}
+            aliases: dict[str, list[str]] = {}
+            for alias, version in (model.aliases or {}).items():
+                aliases.setdefault(str(version), []).append(alias)
             for version in sorted(client.search_model_versions(f"name='{model.name}'"),
                                   key=lambda item: int(item.version)):
-                mark = f"  @{aliases[str(version.version)]}" if str(version.version) in aliases else ""
-                print(f"{model.name}/{version.version}{mark}  run {version.run_id}")
+                marks = "".join(f"  @{alias}" for alias in sorted(aliases.get(str(version.version), [])))
+                print(f"{model.name}/{version.version}{marks}  run {version.run_id}")
         return
     from bumblebee_dist.evaluate import compare
 
@@ -149,10 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``bumblebee`` command and return its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
+def _launch_training(script: str, rest: list[str], ranks: int) -> None:
+    from bumblebee_dist.launching import run_deepspeed, split_launcher_options
+    from bumblebee_dist.train.entry import parse_job_args
+    from bumblebee_dist.config import load_config
+
+    # Check the config here, in one line, before the launcher spends its start-up on it.
+    _, script_args = split_launcher_options(rest)
+    job = parse_job_args(script, script_args)
+    load_config(job.config, job.overrides, preset=job.preset)
+    run_deepspeed(script, rest, num_ranks=ranks or None)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["generate"]:
         from data_prep.ray_job import main as generate_main
 
@@ -161,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ("pretrain", "finetune"):
-        from bumblebee_dist.launching import run_deepspeed
-
-        run_deepspeed(args.script, rest, num_ranks=args.ranks or None)
+        _launch_training(args.script, rest, args.ranks)
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -173,19 +189,56 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(**{field.name: getattr(args, field.name)
                                    for field in dataclasses.fields(DemoSettings)})
         run_demo(settings)
-        return 0
-    if args.command == "info":
+    elif args.command == "info":
         _run_info(args.preset)
-        return 0
-    if args.command == "models":
+    elif args.command == "models":
         _run_models(args)
-        return 0
-    from bumblebee_dist.evaluate.run import run_evaluation
+    else:
+        from bumblebee_dist.evaluate.run import run_evaluation
 
-    run_evaluation(Path(args.data), args.finetuned, args.pretrained, Path(args.out), task=args.task,
-                   tracking_uri=args.tracking_uri, seed=args.seed)
+        run_evaluation(Path(args.data), args.finetuned, args.pretrained, Path(args.out),
+                       task=args.task, tracking_uri=args.tracking_uri, seed=args.seed)
     return 0
 
 
+def main(argv: list[str] | None = None, *, exit_on_error: bool = False) -> int:
+    """Run the ``bumblebee`` command and return its exit status.
+
+    From the command line (``exit_on_error``), an invalid input or a failed step prints one
+    line naming it and exits with 2, and Ctrl-C exits with 130; called from Python, errors raise.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    if not exit_on_error:
+        return _dispatch(argv)
+    from bumblebee_dist.config import ConfigError
+
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue where it stopped",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as error:
+        print(f"bumblebee: error: {error}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as error:
+        print(f"bumblebee: error: {' '.join(map(str, error.cmd[:3]))} ... exited with "
+              f"{error.returncode}; its log above names the cause", file=sys.stderr)
+        return 2
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(error, MlflowException):
+            raise
+        print(f"bumblebee: error: {error.message}", file=sys.stderr)
+        return 2
+
+
+def console_main() -> None:
+    """Entry point of the installed ``bumblebee`` script."""
+    sys.exit(main(exit_on_error=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

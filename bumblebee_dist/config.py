@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,9 @@ class TrainConfig:
         """Raise ConfigError naming the first invalid field."""
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0")
-        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr,
+               "must be a finite number > 0")
+        _check(0 <= self.seed < 2**32, "train.seed", self.seed, "must lie in [0, 2**32)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)

@@ -144,7 +144,8 @@ def run_deepspeed(script: str, args: list[str], *, num_ranks: int | None = None)
     nodes, script_args = split_launcher_options(args)
     command, env = deepspeed_command(script, script_args, num_ranks=num_ranks, nodes=nodes)
     LOG.info("launching: %s", " ".join(command))
-    subprocess.run(command, env=env, cwd=REPO_ROOT, check=True)
+    # The job runs in the caller's folder, so relative data and run paths mean what they say.
+    subprocess.run(command, env=env, check=True)
 
 
 def _node_parser(add_help: bool = True) -> argparse.ArgumentParser:

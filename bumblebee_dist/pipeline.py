@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LOG = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SETTINGS_NAME = "demo_settings.json"
 
 PRETRAINED_MODEL = "bumblebee-pretrained"
 FINETUNED_MODEL = "bumblebee-toponium"
@@ -37,8 +39,8 @@ class DemoSettings:
 
     @property
     def root(self) -> Path:
-        """Output folder as a Path."""
-        return Path(self.out)
+        """Output folder as an absolute Path, so every step and rank sees the same folder."""
+        return Path(self.out).resolve()
 
     @property
     def tracking_uri(self) -> str:
@@ -91,7 +93,7 @@ def track_dataset(manifest: dict, manifest_path: Path, tracking_uri: str) -> Non
 def _training_args(settings: DemoSettings, kind: str, extra: list[str]) -> list[str]:
     run_dir = settings.root / kind
     return [
-        "--config", f"configs/{kind}.yaml", "--preset", settings.preset, "--resume", "auto",
+        "--config", str(REPO_ROOT / "configs" / f"{kind}.yaml"), "--preset", settings.preset, "--resume", "auto",
         f"data.path={settings.root / 'data'}", f"train.run_dir={run_dir}",
         f"train.seed={settings.seed}", f"tracking.uri={settings.tracking_uri}",
         f"data.max_tokens={settings.max_tokens}", *extra,
@@ -156,10 +158,34 @@ STEPS = (
 )
 
 
+class SettingsMismatchError(ValueError):
+    """A demo folder holds results made with other settings than the ones requested."""
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Raise SettingsMismatchError when the output folder was made with other settings.
+
+    Steps that are complete are skipped on a new start, so their results must come from the
+    same settings; a changed size needs a new ``--out`` folder.
+    """
+    path = settings.root / SETTINGS_NAME
+    if not path.is_file():
+        return
+    saved = _read_json(path)
+    requested = asdict(settings)
+    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in requested.items()
+               if key != "out" and saved.get(key) != value]
+    if changed:
+        raise SettingsMismatchError(
+            f"{settings.root} holds a demo made with other settings ({'; '.join(changed)}); "
+            f"pass a new --out folder, or delete {settings.root} to start over")
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Run every step not yet complete, then print and save the summary table."""
+    check_settings(settings)
     settings.root.mkdir(parents=True, exist_ok=True)
-    (settings.root / "demo_settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    (settings.root / SETTINGS_NAME).write_text(json.dumps(asdict(settings), indent=2) + "\n")
     results, timings = {}, {}
     for number, (name, result_file, step) in enumerate(STEPS, start=1):
         result_path = settings.root / result_file

@@ -191,6 +191,7 @@ class Tracker:
 
     def __init__(self, config: TrackingConfig, run_dir: str | Path, active: bool):
         self.config = config
+        self.run_dir = Path(run_dir)
         self.active = active and config.enabled
         self.tracking_uri, self.artifact_dir = resolve_store(config, run_dir)
         self.run_id: str | None = None
@@ -256,7 +257,10 @@ class Tracker:
         all_tags = dict(tags)
         if resumed_from_step is not None:
             all_tags["resumed_from_step"] = str(resumed_from_step)
-        run = self.client.create_run(experiment_id, run_name=self.config.run_name or None,
+        # MLflow draws its own names from Python's random module, which training seeds, so
+        # every run of one seed would get the same name; a time stamp keeps them apart.
+        run_name = self.config.run_name or time.strftime(f"{self.run_dir.name}-%Y%m%d-%H%M%S")
+        run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags=all_tags)
         return run.info.run_id
 

@@ -217,6 +217,8 @@ def build_dataset(out_dir: str | Path, *, ttbar_events: int, eta_t_events: int, 
     pass the selection. Reruns with the same arguments skip the shards already complete.
     Raises RuntimeError when no event at all passes the selection.
     """
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} is invalid: the job needs at least 1 worker")
     config = config or PipelineConfig()
     config.selection.validate()
     out = Path(out_dir)
