@@ -74,6 +74,7 @@ class Manifest:
     shards: list[ShardEntry]
     feature_stats: dict[str, dict[str, float]]
     raw: dict[str, Any] = field(repr=False)
+    sha256: str = ""  # hex SHA-256 of the file, recorded by training as data_manifest_sha256
 
     @property
     def root(self) -> Path:
@@ -94,8 +95,11 @@ class Manifest:
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest; ``path`` is the JSON file or the data set folder.
 
-    Raises ManifestError naming the file and the first invalid field, and FileNotFoundError when
-    the file is missing.
+    Raises ManifestError naming the file and the first invalid field (two samples with the same
+    name or id included), and FileNotFoundError when the file is missing. A manifest marked
+    ``"complete": false`` is accepted with a warning: the data set job stopped before its last
+    shard, so the manifest lists only the shards written so far. A manifest without the field
+    (written by other tools) is taken as complete.
     """
     path = Path(path)
     if path.is_dir():
@@ -104,8 +108,9 @@ def read_manifest(path: str | Path) -> Manifest:
         raise FileNotFoundError(
             f"manifest {path} not found; pass a data set folder that contains {MANIFEST_NAME}"
         )
+    content = path.read_bytes()
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(content.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: not valid JSON: {error}") from error
     _require(isinstance(raw, dict), path, "<top level>", raw, "must be a JSON object")
@@ -116,8 +121,15 @@ def read_manifest(path: str | Path) -> Manifest:
     sample_names = {sample["name"] for sample in samples}
     shards = _validate_shards(path, raw.get("shards"), sample_names)
     feature_stats = _validate_feature_stats(path, raw.get("feature_stats"))
+    complete = raw.get("complete", True)
+    _require(isinstance(complete, bool), path, "complete", complete, "must be true or false")
+    if not complete:
+        logger.warning("%s: the data set job did not finish (\"complete\": false), so the manifest "
+                       "lists only the shards written so far; rerun the job with the same "
+                       "settings to complete the data set", path)
     return Manifest(path=path, format_version=version, samples=samples, shards=shards,
-                    feature_stats=feature_stats, raw=raw)
+                    feature_stats=feature_stats, raw=raw,
+                    sha256=hashlib.sha256(content).hexdigest())
 
 
 def _require(condition: bool, path: Path, name: str, value: Any, rule: str) -> None:
@@ -137,9 +149,19 @@ def _validate_samples(path: Path, samples: Any) -> list[dict[str, Any]]:
                  f"samples[{i}].name", sample.get("name"), "must be a non-empty string")
         _require(_is_int(sample.get("id")) and sample["id"] >= 0, path, f"samples[{i}].id",
                  sample.get("id"), "must be a non-negative int")
-    names = [sample["name"] for sample in samples]
-    _require(len(set(names)) == len(names), path, "samples", names, "must not repeat a name")
+    for key in ("name", "id"):
+        _reject_repeats(path, key, [sample[key] for sample in samples])
     return samples
+
+
+def _reject_repeats(path: Path, key: str, values: list[Any]) -> None:
+    first_index: dict[Any, int] = {}
+    for i, value in enumerate(values):
+        if value in first_index:
+            raise ManifestError(
+                f"{path}: field 'samples[{i}].{key}' repeats the value {value!r} of "
+                f"'samples[{first_index[value]}].{key}'; every sample needs its own {key}")
+        first_index[value] = i
 
 
 def _validate_shards(path: Path, shards: Any, sample_names: set[str]) -> list[ShardEntry]:

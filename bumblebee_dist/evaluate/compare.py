@@ -11,25 +11,33 @@ import json
 import logging
 from pathlib import Path
 
-from bumblebee_dist.data.shards import read_manifest
+import torch
+
+from bumblebee_dist.data.shards import Manifest, read_manifest
+from bumblebee_dist.evaluate.loading import PRETRAIN_TASK, classifier_task, load_for_study
 from bumblebee_dist.evaluate.metrics import auroc_with_uncertainty
 from bumblebee_dist.evaluate.plots import plot_roc_curves
 from bumblebee_dist.evaluate.run import evaluate_reconstruction, finetuned_scores
 from bumblebee_dist.features import FeatureStats
-from bumblebee_dist.tracking import ModelRegistry
+from bumblebee_dist.finetune import build_task
 
 LOG = logging.getLogger(__name__)
 
 
 def compare_classifiers(uris: list[str], data_path: Path, out_dir: Path, *, task: str,
                         tracking_uri: str, seed: int = 0) -> dict:
-    """Score the test split with every classifier in ``uris``; write compare.json and the ROC plot."""
-    registry = ModelRegistry(tracking_uri)
-    samples = [dict(sample) for sample in read_manifest(data_path / "manifest.json").samples]
+    """Score the test split with every classifier in ``uris``; write compare.json and the ROC plot.
+
+    Every model must record task ``finetune-<task>``, else ModelTaskError is raised before
+    ``out_dir`` is created.
+    """
+    manifest = read_manifest(data_path / "manifest.json")
+    samples = [dict(sample) for sample in manifest.samples]
+    build_task(task, samples)  # raises for an unknown task or a sample missing from the data set
+    models = _load_all(uris, classifier_task(task), manifest, tracking_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, curves = {}, {}
-    for uri in uris:
-        model = registry.load(uri).eval()
+    for uri, model in models.items():
         labels, scores = finetuned_scores(model, data_path, task, samples)
         result = auroc_with_uncertainty(labels, scores, seed=seed)
         results[uri] = result.to_dict()
@@ -44,21 +52,31 @@ def compare_classifiers(uris: list[str], data_path: Path, out_dir: Path, *, task
 
 def compare_reconstruction(uris: list[str], data_path: Path, out_dir: Path, *,
                            tracking_uri: str) -> dict:
-    """Compute the reconstruction residuals of every pre-trained model in ``uris``; write compare.json."""
-    registry = ModelRegistry(tracking_uri)
+    """Compute the reconstruction residuals of every pre-trained model in ``uris``; write compare.json.
+
+    Every model must record task ``pretrain``, else ModelTaskError is raised before ``out_dir``
+    is created.
+    """
     manifest = read_manifest(data_path / "manifest.json")
     stats = FeatureStats.from_manifest(manifest.feature_stats)
+    models = _load_all(uris, PRETRAIN_TASK, manifest, tracking_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for index, uri in enumerate(uris):
-        model = registry.load(uri).eval()
+    for index, (uri, model) in enumerate(models.items()):
         summary, _ = evaluate_reconstruction(model, data_path, stats, out_dir / f"model_{index}")
         results[uri] = summary
         LOG.info("%s: m(ttbar) bias %+.3f, resolution %.3f", uri,
                  summary["mttbar_relative"]["bias"], summary["mttbar_relative"]["resolution"])
     comparison = {"task": "reconstruction", "data": str(data_path), "models": results}
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n")
     return comparison
+
+
+def _load_all(uris: list[str], expected_task: str, manifest: Manifest,
+              tracking_uri: str) -> dict[str, torch.nn.Module]:
+    # Every model is checked before the first one is scored, so a wrong URI fails in seconds.
+    return {uri: load_for_study(uri, expected_task, manifest, tracking_uri=tracking_uri)
+            for uri in uris}
 
 
 def format_comparison(comparison: dict) -> str:

@@ -12,6 +12,15 @@ import numpy as np  # noqa: E402
 
 from bumblebee_dist.evaluate.metrics import roc_points  # noqa: E402
 
+# Axis label of each residual that ``reconstruction.reconstruction_residuals`` returns.
+RESIDUAL_LABELS = {
+    "mttbar_relative": "m(ttbar): predicted / true - 1",
+    "nu_pt_relative": "neutrino pT: predicted / true - 1",
+    "nu_eta_difference": "neutrino eta: predicted - true",
+    "nu_phi_difference": "neutrino phi: predicted - true, wrapped [rad]",
+}
+SCORE_LABEL = "class-token regression output (feature slot 0, target 0 or 1; not a probability)"
+
 
 def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path,
                     title: str) -> Path:
@@ -29,13 +38,18 @@ def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], pat
 
 
 def plot_score_distributions(labels: np.ndarray, scores: np.ndarray, path: Path, title: str,
-                             names: tuple[str, str] = ("background", "signal")) -> Path:
-    """Histogram the classifier score of signal and background, normalized to unit area."""
+                             names: tuple[str, str] = ("background", "signal"),
+                             xlabel: str = SCORE_LABEL) -> Path:
+    """Histogram the classifier score of signal and background, normalized to unit area.
+
+    The default x label describes the fine-tuned model's score, which is a regression output
+    trained towards 0 and 1 and may fall outside [0, 1].
+    """
     figure, axes = plt.subplots(figsize=(6, 4))
     edges = np.linspace(np.min(scores), np.max(scores), 41)
     for value, name in enumerate(names):
         axes.hist(scores[labels == value], bins=edges, density=True, histtype="step", label=name)
-    axes.set_xlabel("classifier score")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("normalized events")
     axes.set_title(title)
     axes.legend()
@@ -43,7 +57,10 @@ def plot_score_distributions(labels: np.ndarray, scores: np.ndarray, path: Path,
 
 
 def plot_residuals(residuals: dict[str, np.ndarray], path: Path, title: str) -> Path:
-    """One histogram panel per residual, central 98 % of each distribution shown."""
+    """Plot one histogram panel per residual, showing the central 98 % of each distribution.
+
+    Neutrino residuals count two entries per event (neutrino and anti-neutrino).
+    """
     names = [name for name, values in residuals.items() if np.ndim(values) == 1
              and name != "mttbar_true"]
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
@@ -52,8 +69,8 @@ def plot_residuals(residuals: dict[str, np.ndarray], path: Path, title: str) -> 
         if values.size:
             low, high = np.percentile(values, [1, 99])
             axis.hist(values, bins=np.linspace(low, high, 51), histtype="step")
-        axis.set_xlabel(name)
-    axes[0][0].set_ylabel("events")
+        axis.set_xlabel(RESIDUAL_LABELS.get(name, name))
+        axis.set_ylabel("neutrinos" if name.startswith("nu_") else "events")
     figure.suptitle(title)
     return _save(figure, path)
 

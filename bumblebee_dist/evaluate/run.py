@@ -25,6 +25,7 @@ from tqdm import tqdm
 from bumblebee_dist.data.loader import EventLoader
 from bumblebee_dist.data.shards import read_manifest
 from bumblebee_dist.evaluate.baselines import reco_feature_matrix, train_mlp_classifier
+from bumblebee_dist.evaluate.loading import PRETRAIN_TASK, classifier_task, load_for_study
 from bumblebee_dist.evaluate.metrics import auroc_with_uncertainty
 from bumblebee_dist.evaluate.plots import plot_residuals, plot_roc_curves, plot_score_distributions
 from bumblebee_dist.evaluate.reconstruction import reconstruction_residuals, summarize_residuals
@@ -48,19 +49,6 @@ class TokenArrays:
     process_code: np.ndarray  # (E,)
     m_ttbar_true: np.ndarray  # (E,)
     prediction: np.ndarray | None = None  # (T, F) model space, when a model ran
-
-
-def resolve_export(path: str | Path) -> Path:
-    """Accept an export folder, its .safetensors file, or a training run's result.json."""
-    path = Path(path)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"training result {path} not found; run the training step first")
-        result = json.loads(path.read_text())
-        if "export_path" not in result:
-            raise KeyError(f"{path} has no 'export_path'; it is not a training result.json")
-        return Path(result["export_path"])
-    return path
 
 
 def collect_split(data_path: Path, split: str, *, mask_mode: str, model: torch.nn.Module | None = None,
@@ -158,14 +146,25 @@ def evaluate_reconstruction(model: torch.nn.Module, data_path: Path, stats: Feat
 def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str | Path | None,
                    out_dir: str | Path, *, task: str = "toponium", tracking_uri: str = "",
                    seed: int = 0, max_jets: int = 8) -> dict:
-    """Evaluate classifiers and reconstruction; write ``evaluation.json`` and plots to ``out_dir``."""
-    from bumblebee_dist.train.export import load_exported
+    """Evaluate classifiers and reconstruction; write ``evaluation.json`` and plots to ``out_dir``.
 
+    ``finetuned`` and ``pretrained`` are exports (folder, .safetensors file or training
+    result.json) or ``models:/`` URIs of the registry at ``tracking_uri``. The fine-tuned model
+    must record task ``finetune-<task>`` and the pre-trained one ``pretrain``, else
+    ModelTaskError is raised. ``out_dir`` is created only after the manifest and both models
+    loaded, so invalid inputs leave no folder behind.
+    """
     data_path, out_dir = Path(data_path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data_path / "manifest.json")
     samples = [dict(sample) for sample in manifest.samples]
-    finetuned_model = load_exported(resolve_export(finetuned)).eval()
+    build_task(task, samples)  # raises for an unknown task or a sample missing from the data set
+    finetuned_model = load_for_study(finetuned, classifier_task(task), manifest,
+                                     tracking_uri=tracking_uri)
+    pretrained_model = None
+    if pretrained is not None:
+        pretrained_model = load_for_study(pretrained, PRETRAIN_TASK, manifest,
+                                          tracking_uri=tracking_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     LOG.info("scoring the test split with the fine-tuned model (%s)", task)
     labels, scores = finetuned_scores(finetuned_model, data_path, task, samples, max_jets=max_jets)
@@ -184,8 +183,7 @@ def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str
     evaluation = {"classification": {"task": task, "models": {
         name: result.to_dict() for name, result in results.items()}}}
 
-    if pretrained is not None:
-        pretrained_model = load_exported(resolve_export(pretrained)).eval()
+    if pretrained_model is not None:
         stats = FeatureStats.from_manifest(manifest.feature_stats)
         evaluation["reconstruction"], _ = evaluate_reconstruction(
             pretrained_model, data_path, stats, out_dir, max_jets=max_jets)

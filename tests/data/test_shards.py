@@ -232,6 +232,51 @@ def test_manifest_missing_and_invalid_json(tmp_path):
         read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("key", ["name", "id"])
+def test_manifest_repeated_sample_rejected(make_dataset, key):
+    root = make_dataset({"train": [10]}, block_events=10)
+
+    def repeat(data):
+        data["samples"].append({"name": "other", "id": 7, key: data["samples"][0][key]})
+
+    path = _rewrite_manifest(root, repeat)
+    repeated = json.loads(path.read_text())["samples"][0][key]
+    with pytest.raises(ManifestError) as error:
+        read_manifest(root)
+    message = str(error.value)
+    assert str(path) in message
+    assert f"'samples[2].{key}'" in message
+    assert f"'samples[0].{key}'" in message
+    assert repr(repeated) in message
+
+
+def test_manifest_incomplete_warns(make_dataset, caplog):
+    root = make_dataset({"train": [10]}, block_events=10)
+    path = _rewrite_manifest(root, lambda d: d.update(complete=False))
+    with caplog.at_level(logging.WARNING):
+        manifest = read_manifest(root)
+    assert len(manifest.shards) == 1
+    assert len(caplog.records) == 1
+    assert str(path) in caplog.text
+    assert "did not finish" in caplog.text
+    assert "rerun" in caplog.text
+
+
+def test_manifest_complete_no_warning(make_dataset, caplog):
+    root = make_dataset({"train": [10]}, block_events=10)
+    _rewrite_manifest(root, lambda d: d.update(complete=True))
+    with caplog.at_level(logging.WARNING):
+        read_manifest(root)
+    assert caplog.records == []
+
+
+def test_manifest_complete_must_be_bool(make_dataset):
+    root = make_dataset({"train": [10]}, block_events=10)
+    _rewrite_manifest(root, lambda d: d.update(complete="yes"))
+    with pytest.raises(ManifestError, match="'complete'"):
+        read_manifest(root)
+
+
 def test_unknown_split_rejected(make_dataset):
     manifest = read_manifest(make_dataset({"train": [10]}))
     with pytest.raises(ManifestError, match="split 'dev' is unknown"):
