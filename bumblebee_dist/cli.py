@@ -60,12 +60,16 @@ def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="evaluate fine-tuned and pre-trained models")
     parser.add_argument("--data", required=True, help="data set folder holding manifest.json")
     parser.add_argument("--finetuned", required=True,
-                        help="fine-tuned export folder, .safetensors file or training result.json")
+                        help="fine-tuned model: models:/name/version or @alias, an export folder, "
+                             "a .safetensors file or a training result.json")
     parser.add_argument("--pretrained", default=None,
-                        help="pre-trained export for the reconstruction study (optional)")
+                        help="pre-trained model for the reconstruction study, in the same forms "
+                             "(optional)")
     parser.add_argument("--out", required=True, help="folder for evaluation.json and plots")
     parser.add_argument("--task", default="toponium", choices=("toponium", "initial_state"))
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: local SQLite)")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI (default: mlflow.db and mlartifacts/ in the "
+                             "folder above --out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MLP baseline and bootstrap")
 
 
