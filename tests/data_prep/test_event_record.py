@@ -1,4 +1,4 @@
-"""Event-record rules on constructed events: final state, tops once, jets, isolation (P5-P7)."""
+"""Event-record rules on constructed events: final state, tops once, jets, isolation."""
 
 from __future__ import annotations
 

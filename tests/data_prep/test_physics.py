@@ -1,4 +1,4 @@
-"""Four-vector helpers: rounding of m^2, pT = 0, NaN components, phi range (P1, P2)."""
+"""Four-vector helpers: rounding of m^2, pT = 0, NaN components, phi range."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shard writing: round trip, atomic writes (S2), no empty shard (S5), chunking (S6), bytes (S7)."""
+"""Shard writing: round trip, atomic writes, no empty shard, chunking, identical bytes per seed."""
 
 from __future__ import annotations
 
