@@ -2,8 +2,8 @@
 
     python -m bench.kernels [--tokens 16384 65536 262144] [--dtype bf16] [--cpu-tokens 2048]
 
-Each row times one forward plus backward pass of one op on a packed batch, with the paper
-model's sizes (D = 768, N = 16 heads of H = 48, F = 5 features). Event lengths are 9 tokens
+Each row times one forward plus backward pass of one op on a packed batch, with the "paper"
+preset's sizes (D = 768, N = 16 heads of H = 48, F = 5 features). Event lengths are 9 tokens
 plus the jet count, and the jet count is 2 + Poisson(1.5) capped at 11, so lengths span 11 to
 20 with most events at 11 to 13. That distribution is an estimate for a dileptonic selection,
 not a measurement. Columns:
