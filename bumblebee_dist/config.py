@@ -70,7 +70,7 @@ def model_preset(name: str) -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where events come from and how they are batched."""
+    """Data set location and batching of events."""
 
     path: str = "runs/demo/data"  # data set folder holding manifest.json
     max_tokens: int = 4096  # token budget of one micro-batch per rank

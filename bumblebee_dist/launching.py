@@ -55,7 +55,7 @@ class NodeLaunch:
         return check_hostfile(self.hostfile, self.num_nodes, self.num_gpus)
 
     def launcher_options(self) -> list[str]:
-        """The matching ``deepspeed`` options."""
+        """Return the matching ``deepspeed`` launcher options."""
         options = ["--hostfile", str(self.hostfile), "--num_nodes", str(self.num_nodes)]
         if self.num_gpus is not None:
             options += ["--num_gpus", str(self.num_gpus)]
@@ -67,7 +67,7 @@ class NodeLaunch:
 
 
 def default_num_ranks() -> int:
-    """One rank per visible GPU, or 2 CPU ranks without a GPU."""
+    """Return one rank per visible GPU, or 2 CPU ranks without a GPU."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
@@ -144,7 +144,7 @@ def run_deepspeed(script: str, args: list[str], *, num_ranks: int | None = None)
     nodes, script_args = split_launcher_options(args)
     command, env = deepspeed_command(script, script_args, num_ranks=num_ranks, nodes=nodes)
     LOG.info("launching: %s", " ".join(command))
-    # The job runs in the caller's folder, so relative data and run paths mean what they say.
+    # The job runs in the caller's folder, so relative data and run paths resolve from there.
     subprocess.run(command, env=env, check=True)
 
 

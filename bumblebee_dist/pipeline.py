@@ -39,7 +39,7 @@ class DemoSettings:
 
     @property
     def root(self) -> Path:
-        """Output folder as an absolute Path, so every step and rank sees the same folder."""
+        """Output folder as an absolute Path, so every step and rank uses the same folder."""
         return Path(self.out).resolve()
 
     @property
@@ -159,14 +159,14 @@ STEPS = (
 
 
 class SettingsMismatchError(ValueError):
-    """A demo folder holds results made with other settings than the ones requested."""
+    """A demo folder contains results made with other settings than the ones requested."""
 
 
 def check_settings(settings: DemoSettings) -> None:
     """Raise SettingsMismatchError when the output folder was made with other settings.
 
-    Steps that are complete are skipped on a new start, so their results must come from the
-    same settings; a changed size needs a new ``--out`` folder.
+    Complete steps are skipped on a new start, so their results must come from the same
+    settings. A changed size needs a new ``--out`` folder.
     """
     path = settings.root / SETTINGS_NAME
     if not path.is_file():
@@ -177,7 +177,7 @@ def check_settings(settings: DemoSettings) -> None:
                if key != "out" and saved.get(key) != value]
     if changed:
         raise SettingsMismatchError(
-            f"{settings.root} holds a demo made with other settings ({'; '.join(changed)}); "
+            f"{settings.root} contains a demo made with other settings ({'; '.join(changed)}); "
             f"pass a new --out folder, or delete {settings.root} to start over")
 
 

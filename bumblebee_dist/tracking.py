@@ -257,8 +257,8 @@ class Tracker:
         all_tags = dict(tags)
         if resumed_from_step is not None:
             all_tags["resumed_from_step"] = str(resumed_from_step)
-        # MLflow draws its own names from Python's random module, which training seeds, so
-        # every run of one seed would get the same name; a time stamp keeps them apart.
+        # MLflow draws its own run names from Python's random module, which training seeds.
+        # Every run of one seed would get the same name, so a time stamp keeps them apart.
         run_name = self.config.run_name or time.strftime(f"{self.run_dir.name}-%Y%m%d-%H%M%S")
         run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags=all_tags)

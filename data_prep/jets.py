@@ -22,8 +22,8 @@ _banner_shown = False
 def _print_banner_silently() -> None:
     """Let FastJet print its once-per-process banner into /dev/null.
 
-    FastJet 3.5 writes the banner to the C++ stdout on the first clustering of a process and its
-    Python package exposes no switch for it; every Ray worker would otherwise print 20 lines.
+    FastJet 3.5 writes the banner to the C++ stdout on the first clustering of a process, and its
+    Python package exposes no switch for it. Every Ray worker would otherwise print 20 lines.
     """
     global _banner_shown
     if _banner_shown:
@@ -34,8 +34,8 @@ def _print_banner_silently() -> None:
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 1)
-            one = ak.Array([[{"px": 1.0, "py": 0.0, "pz": 0.0, "E": 1.0}]])
-            fastjet.ClusterSequence(one, fastjet.JetDefinition(fastjet.antikt_algorithm, JET_RADIUS))
+            single = ak.Array([[{"px": 1.0, "py": 0.0, "pz": 0.0, "E": 1.0}]])
+            fastjet.ClusterSequence(single, fastjet.JetDefinition(fastjet.antikt_algorithm, JET_RADIUS))
     finally:
         os.dup2(saved, 1)
         os.close(saved)

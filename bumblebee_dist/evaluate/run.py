@@ -74,7 +74,7 @@ def collect_split(data_path: Path, split: str, *, mask_mode: str, model: torch.n
             for key in ("sample", "process_code", "m_ttbar_true"):
                 parts[key].append(getattr(batch, key).numpy())
     if not parts["lengths"]:
-        raise ValueError(f"split {split!r} of {data_path} holds no events")
+        raise ValueError(f"split {split!r} of {data_path} contains no events")
     lengths = np.concatenate(parts["lengths"])
     offsets = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
