@@ -190,8 +190,16 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, dist: DistInfo) -> 
     optimizer = build_optimizer(model, train)
     gate = StepGate(optimizer)
     ds_config = deepspeed_config(train, precision)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+    # DeepSpeed's bf16 wrapper without ZeRO creates the optimizer states by taking one step with
+    # zero gradients. AdamW would count that step as its first update, which shifts the bias
+    # correction of every later update and applies weight decay once. The closed gate makes it a
+    # no-op, so AdamW creates its states at the first real step.
+    gate.closed = True
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                               dist_init_required=False)
+    finally:
+        gate.closed = False
     if dist.is_main:
         LOG.info("DeepSpeed engine: %d ranks over %s (accelerator %s), ZeRO stage %d, %s, "
                  "gradient accumulation %d, gradient clip %s", dist.world_size, dist.backend,

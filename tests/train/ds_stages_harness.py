@@ -11,7 +11,9 @@ Usage: launch/local_multinode.sh --nodes 4 tests/train/ds_stages_harness.py DATA
    records the logged losses, the parameters after every step against one plain PyTorch process,
    and the exported safetensors against the engine;
 3. gradient accumulation: one micro-batch of 8 events per rank against 4 micro-batches of 2;
-4. a toy model with an odd parameter count (27) and a 1-element bias, under ZeRO-2 and ZeRO-3.
+4. a toy model with an odd parameter count (27) and a 1-element bias, under ZeRO-2 and ZeRO-3;
+5. the steps of 2 in bf16 under ZeRO stages 0 to 3, against the same fp32 plain process, with
+   AdamW's step count read from its state.
 
 Rank 0 writes OUT_DIR/stages.json for the test to assert on.
 """
@@ -73,10 +75,11 @@ def slice_events(inputs: StepInputs, start: int, stop: int) -> StepInputs:
     return StepInputs(cu_seqlens=offsets.to(torch.int32), max_seqlen=int(lengths.max()), **tokens)
 
 
-def stage_config(stage: int, run_dir: Path, grad_accum: int = 1, lr: float = 1e-3) -> RunConfig:
+def stage_config(stage: int, run_dir: Path, grad_accum: int = 1, lr: float = 1e-3,
+                 precision: str = "fp32") -> RunConfig:
     config = RunConfig(model_preset="tiny", model=model_preset("tiny"))
     config.train = TrainConfig(run_dir=str(run_dir), zero_stage=stage, grad_accum=grad_accum,
-                               precision="fp32", lr=lr, warmup_steps=1, max_steps=STEPS,
+                               precision=precision, lr=lr, warmup_steps=1, max_steps=STEPS,
                                weight_decay=0.0, grad_clip=1.0, log_every=1,
                                zero3_param_persistence_threshold=0)
     return config
@@ -90,15 +93,17 @@ def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: 
     trainer = Trainer(config, PretrainTask(), engine, loader)
     states = []
     for group in steps:
-        trainer._after_step(trainer.train_step(group), None)
+        inputs = [part.to(engine.device, engine.input_dtype) for part in group]
+        trainer._after_step(trainer.train_step(inputs), None)
         states.append(gather_fp32_state_dict(engine.engine.module))
-    out: dict = {"states": states}
+    out: dict = {"states": states, "adam_steps": adam_step_counts(engine.engine.optimizer)}
     if export_dir is not None:
         exported = export_model(engine.engine.module, config.model, export_dir)
         probe = steps[0][0]
         engine.engine.eval()
         with torch.no_grad():
-            engine_output = engine.engine(*probe.forward_args())
+            engine_output = engine.engine(
+                *probe.to(engine.device, engine.input_dtype).forward_args()).float()
         if dist.is_main:
             plain = load_exported(exported)
             with torch.no_grad():
@@ -113,8 +118,23 @@ def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: 
     return out
 
 
+def adam_step_counts(optimizer) -> list[float]:
+    """The distinct ``step`` values in the state of the AdamW that ``optimizer`` wraps."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    return sorted({float(state["step"]) for state in base.state.values() if "step" in state})
+
+
+def mean_difference(left: dict, right: dict) -> float:
+    """Mean absolute difference over every element of two state dicts with the same keys."""
+    total = sum(float((left[k].float() - right[k].float()).abs().sum()) for k in left)
+    return total / sum(left[k].numel() for k in left)
+
+
 def check_stages(data_dir: Path, out_dir: Path, dist: DistInfo) -> dict:
-    """Same 3 steps under ZeRO 0 to 3 and in one plain process; losses, weights and exports."""
+    """Same 3 steps under ZeRO 0 to 3 and in one plain process; losses, weights and exports.
+
+    Then the same steps again in bf16, against the same fp32 plain process.
+    """
     loader = EventLoader(str(data_dir), "train", rank=0, world_size=1, seed=SEED, max_tokens=160)
     batches = iter(loader)
     task = PretrainTask()
@@ -134,6 +154,15 @@ def check_stages(data_dir: Path, out_dir: Path, dist: DistInfo) -> dict:
                 result["states"][-1], reference.model.state_dict())
             result.pop("states")
             report[f"stage{stage}"] = result
+    for stage in (0, 1, 2, 3):
+        config = stage_config(stage, out_dir / f"bf16_stage{stage}", precision="bf16")
+        result = train_steps(config, loader, local_steps, dist, out_dir / f"bf16_export_stage{stage}")
+        if dist.is_main:
+            final = result.pop("states")[-1]
+            result["param_difference_to_reference"] = max_difference(final, reference.model.state_dict())
+            result["mean_param_difference_to_reference"] = mean_difference(
+                final, reference.model.state_dict())
+            report[f"bf16_stage{stage}"] = result
     return report
 
 
@@ -197,8 +226,10 @@ def check_odd_toy(stage: int, out_dir: Path, dist: DistInfo) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
+    # DeepSpeed clips gradients at norm 1.0 when the config names no value; the plain process
+    # below does not clip.
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero})
+        "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0, "zero_optimization": zero})
 
     def engine_step(loss):
         engine.backward(loss)

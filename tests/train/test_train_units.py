@@ -46,6 +46,12 @@ def test_deepspeed_config_from_train_config():
     assert deepspeed_config(train, "bf16")["bf16"]["enabled"] is True
 
 
+def test_deepspeed_config_names_zero_clip():
+    # DeepSpeed clips at norm 1.0 when the key is absent, so "0 disables" must be written out.
+    config = deepspeed_config(TrainConfig(grad_clip=0.0), "fp32")
+    assert config["gradient_clipping"] == 0.0
+
+
 def test_deepspeed_config_persistence_threshold():
     zero = deepspeed_config(TrainConfig(zero_stage=3), "fp32")["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 100_000
