@@ -18,12 +18,13 @@ The forward pass makes one pass over the keys with an online softmax and saves t
 of each query row. The backward pass recomputes the probabilities from it, so no (S, S) matrix
 is ever stored. Unlike the padded reference, they read the packed (T, N, H) tensors directly
 through cu_seqlens and their strides. One program handles one (event, head, block of BLOCK
-query tokens), with BLOCK the next power of two of max_seqlen between 16 and 64. A
-dileptonic event has 11 to 20 tokens, so BLOCK = 32 covers the longest event: the program
-reads q, k and v of its event once, and its score tile is the whole event. An event longer than
-64 tokens is not an error: its query rows spread over several programs, each looping over key
-blocks, and the backward pass then computes dQ in a second kernel instead of alongside dK and
-dV. Limits: head dim at most 256, no dropout and no causal mask, scale fixed at 1 / sqrt(H).
+query tokens). For bf16 and fp16 inputs BLOCK is the next power of two of max_seqlen between 16
+and 32. A dileptonic event has 11 to 20 tokens, so BLOCK = 32 covers the longest event: the
+program reads q, k and v of its event once, and its score tile is the whole event. fp32 and
+fp64 inputs always use BLOCK = 16 (see ``_tile_config``). An event longer than BLOCK is not an
+error: its query rows spread over several programs, each looping over key blocks, and the
+backward pass then computes dQ in a second kernel instead of alongside dK and dV. Limits: head
+dim at most 256, no dropout and no causal mask, scale fixed at 1 / sqrt(H).
 """
 
 from __future__ import annotations
@@ -204,17 +205,26 @@ def unpadded_attention_torch(
 # Triton kernels -----------------------------------------------------------------------------
 
 # One tile of BLOCK x BLOCK scores contains a whole event per head when BLOCK >= max_seqlen: with
-# 11 to 20 tokens per event, BLOCK = 32 (or 64 for up to 64 tokens) covers the longest event, so
-# a program reads q, k and v of its event once and the key loop runs once. Longer events take
-# several query programs, each looping over key blocks of _MAX_BLOCK tokens.
-# NOTE: block sizes and the default num_warps (4) are not yet tuned on a GPU; bench.kernels
+# 11 to 20 tokens per event, BLOCK = 32 covers the longest event, so a program reads q, k and v
+# of its event once and the key loop runs once. Longer events take several query programs, each
+# looping over key blocks of BLOCK tokens.
+# The largest block and the software-pipelining depth (num_stages) per dot precision are the
+# largest with which no kernel spills registers on sm_80 or sm_90 at 4 warps and head dims up to
+# 64 (``python -m bench.kernel_compile``). TF32 dots run on tensor cores: 64-token blocks spilled
+# in the backward kernels, and Triton's default of 3 stages spilled the 16-token forward on
+# sm_90. IEEE fp32 dots run on the FMA units and need more registers per tile: 32-token blocks
+# spilled, and 16-token blocks spilled in the dK/dV kernel at 2 or 3 stages.
+# NOTE: block sizes, stages and num_warps are not yet tuned for speed on a GPU; bench.kernels
 # measures the kernels against the reference at realistic sizes.
 _MIN_BLOCK = 16  # the smallest M, N and K that tl.dot accepts
-_MAX_BLOCK = 64
+_MAX_BLOCK = {"tf32": 32, "ieee": 16}
+_NUM_STAGES = {"tf32": 2, "ieee": 1}
 # A masked score is -inf, but the running maximum starts finite: exp(-inf - m) is then 0 and
 # exp(m_old - m_new) never computes -inf - (-inf) = NaN.
 _NEG_LARGE = tl.constexpr(-1.0e30)
 # The widest head the kernels tile: a wider head would need a loop over the head dim.
+# NOTE: heads wider than 64 are not compile-checked, and at head dim 128 the bf16 dK/dV kernel
+# spills registers on sm_80 and sm_90. The presets use head dims of 16 to 48.
 _MAX_HEAD_DIM = 256
 
 
@@ -411,22 +421,25 @@ def _attention_backward_q_kernel(
 
 
 def _tile_config(q: torch.Tensor, max_seqlen: int) -> dict:
-    """Return the constexpr arguments shared by the three kernels for this input."""
+    """Return the constexpr arguments and launch options shared by the three kernels."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(
             f"head dim {head_dim} is above the {_MAX_HEAD_DIM} that the attention kernel "
             f"tiles; use BUMBLEBEE_KERNELS=torch or more heads of a smaller head dim"
         )
-    block = min(max(_MIN_BLOCK, triton.next_power_of_2(max(max_seqlen, 1))), _MAX_BLOCK)
     # fp32 and fp64 products stay IEEE: TF32 keeps 10 mantissa bits. fp16 and bf16 values are
     # exact in TF32, so their dots lose nothing on the operands and round only p and dS.
     precise = q.dtype in (torch.float32, torch.float64)
+    precision = "ieee" if precise else "tf32"
+    block = min(max(_MIN_BLOCK, triton.next_power_of_2(max(max_seqlen, 1))),
+                _MAX_BLOCK[precision])
     return {
         "ACC_DTYPE": tl.float64 if q.dtype == torch.float64 else tl.float32,
-        "DOT_PRECISION": "ieee" if precise else "tf32",
+        "DOT_PRECISION": precision,
         "BLOCK_M": block, "BLOCK_N": block,
         "BLOCK_H": max(_MIN_BLOCK, triton.next_power_of_2(head_dim)),
+        "num_stages": _NUM_STAGES[precision],
     }
 
 

@@ -141,10 +141,11 @@ def check_loss_inputs(
 
 # Triton kernel ------------------------------------------------------------------------------
 
-# 1024 tokens x 8 feature slots (F = 5 padded to a power of two) = 8192 elements per program:
-# large enough that the per-program partial sums stay few (T / 1024), small enough to keep the
-# block in registers.
-_BLOCK_TOKENS = 1024
+# 256 tokens x 8 feature slots (F = 5 padded to a power of two) = 2048 elements per program, 16
+# per thread at the default 4 warps. With 1024 tokens, 64 elements per thread needed more than
+# the 255 registers a thread has, so the kernel spilled on sm_80 and sm_90
+# (``python -m bench.kernel_compile``). The T / 256 partial sums stay few for torch to add.
+_BLOCK_TOKENS = 256
 
 
 @triton.jit
