@@ -13,7 +13,7 @@ Usage: launch/local_multinode.sh --nodes 4 tests/train/ds_stages_harness.py DATA
 3. gradient accumulation: one micro-batch of 8 events per rank against 4 micro-batches of 2;
 4. a toy model with an odd parameter count (27) and a 1-element bias, under ZeRO-2 and ZeRO-3;
 5. the steps of 2 in bf16 under ZeRO stages 0 to 3, against the same fp32 plain process, with
-   AdamW's step count read from its state.
+   AdamW's step count read from its state, and a checkpoint saved and loaded at each stage.
 
 Rank 0 writes OUT_DIR/stages.json for the test to assert on.
 """
@@ -30,6 +30,7 @@ import torch
 from bumblebee_dist.config import RunConfig, TrainConfig, model_preset
 from bumblebee_dist.data.loader import EventLoader
 from bumblebee_dist.model import BumblebeeEncoder
+from bumblebee_dist.train import checkpoint as ckpt
 from bumblebee_dist.train.engine import DistInfo, build_engine, init_distributed
 from bumblebee_dist.train.export import (expected_shapes, export_model, gather_fp32_state_dict,
                                          load_exported)
@@ -86,8 +87,12 @@ def stage_config(stage: int, run_dir: Path, grad_accum: int = 1, lr: float = 1e-
 
 
 def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: DistInfo,
-                export_dir: Path | None = None) -> dict:
-    """Train on a fresh engine, one optimizer step per entry of ``steps`` (this rank's inputs)."""
+                export_dir: Path | None = None, round_trip: bool = False) -> dict:
+    """Train on a fresh engine, one optimizer step per entry of ``steps`` (this rank's inputs).
+
+    With ``round_trip``, the engine then saves a checkpoint, takes one more step, loads the
+    checkpoint and takes the same step again: both losses and weights must be equal.
+    """
     Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
     engine = build_engine(BumblebeeEncoder(config.model, init_seed=SEED), config.train, dist)
     trainer = Trainer(config, PretrainTask(), engine, loader)
@@ -111,11 +116,30 @@ def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: 
             out["export_output_difference"] = float((plain_output - engine_output).abs().max())
             out["export_weights_difference"] = max_difference(states[-1], plain.state_dict())
             out["export_numel"] = sum(t.numel() for t in plain.state_dict().values())
+    if round_trip:
+        out.update(checkpoint_round_trip(trainer, steps[0], dist))
     if dist.is_main:
         rows = (Path(config.train.run_dir) / STEP_LOG_NAME).read_text().splitlines()
         out["logged_losses"] = [json.loads(row)["loss"] for row in rows]
         out["logged_grad_norms"] = [json.loads(row)["grad_norm"] for row in rows]
     return out
+
+
+def checkpoint_round_trip(trainer: Trainer, group: list[StepInputs], dist: DistInfo) -> dict:
+    """Save, step, load, step again; return both losses and the largest weight difference."""
+    engine = trainer.engine
+    path = ckpt.save_checkpoint(engine.engine, trainer.config.train.run_dir, trainer.state.step,
+                                {"train_state": vars(trainer.state).copy()}, keep=2)
+    inputs = [part.to(engine.device, engine.input_dtype) for part in group]
+    first = trainer.train_step(inputs)
+    after_first = gather_fp32_state_dict(engine.engine.module)
+    ckpt.load_checkpoint(engine.engine, path)
+    again = trainer.train_step(inputs)
+    after_again = gather_fp32_state_dict(engine.engine.module)
+    if not dist.is_main:
+        return {}
+    return {"round_trip_losses": [first.loss, again.loss],
+            "round_trip_difference": max_difference(after_first, after_again)}
 
 
 def adam_step_counts(optimizer) -> list[float]:
@@ -156,7 +180,8 @@ def check_stages(data_dir: Path, out_dir: Path, dist: DistInfo) -> dict:
             report[f"stage{stage}"] = result
     for stage in (0, 1, 2, 3):
         config = stage_config(stage, out_dir / f"bf16_stage{stage}", precision="bf16")
-        result = train_steps(config, loader, local_steps, dist, out_dir / f"bf16_export_stage{stage}")
+        result = train_steps(config, loader, local_steps, dist, out_dir / f"bf16_export_stage{stage}",
+                             round_trip=True)
         if dist.is_main:
             final = result.pop("states")[-1]
             result["param_difference_to_reference"] = max_difference(final, reference.model.state_dict())

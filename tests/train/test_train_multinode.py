@@ -130,6 +130,14 @@ def test_bf16_follows_fp32_reference(report, stage):
     assert result["export_numel"] == report["model_numel"]
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_checkpoint_round_trip(report, stage):
+    result = report[f"bf16_stage{stage}"]
+    first, again = result["round_trip_losses"]
+    assert first == again
+    assert result["round_trip_difference"] == 0.0
+
+
 def test_accumulation_matches_one_micro_batch(report):
     accumulation = report["accumulation"]
     one, four = accumulation["losses_one_micro_batch"], accumulation["losses_four_micro_batches"]
