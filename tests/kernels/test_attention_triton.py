@@ -17,7 +17,8 @@ TOLERANCES = {  # dtype: (atol, rtol) of the output and every gradient against t
     torch.float64: (1e-12, 1e-10),
     torch.float32: (2e-5, 1e-4),
 }
-# A packed batch with empty events, a single token, and events that fill a 32 and a 64 block.
+# A packed batch with empty events, a single token, and events longer than one key block
+# (16 tokens for float32 and float64 inputs, 32 for bf16).
 MIXED_LENGTHS = [0, 1, 2, 25, 0, 64, 11]
 
 
@@ -73,7 +74,7 @@ def test_mixed_lengths_match_reference(head_dim, dtype):
 
 
 def test_event_longer_than_block():
-    # 100 tokens need two 64-token blocks: a key loop in the forward and the separate dQ kernel.
+    # 100 tokens span several key blocks: a key loop in the forward and the separate dQ kernel.
     q, k, v, cu_seqlens = make_packed([3, 100, 5], head_dim=5, dtype=torch.float64, seed=2)
     upstream = seeded_randn(q.shape, seed=3, dtype=torch.float64)
     assert_matches_reference(q, k, v, cu_seqlens, 100, upstream)
