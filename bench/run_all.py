@@ -6,7 +6,11 @@
 2. the Ray data set job with 2 local workers against 1, on the same events;
 3. the loader on generated data: events/s and the packed vs padded token ratio. The data set is
    ``--data``, else the demo's (``runs/demo/data``) when it is complete, else a small one made
-   here with the Ray job.
+   here with the Ray job;
+4. training on that data set: packed vs padded throughput, ZeRO model-state bytes per stage in
+   fp32 and bf16, and the data-wait share of a short pre-training job;
+5. the Triton kernels compiled for sm_80 and sm_90: registers, spills and shared memory of each
+   launch, which needs no GPU. Kernel timings (``bench.kernels``) need one and are not run here.
 
 Run it as a module from the repository root: as a script, ``bench/data_prep.py`` would hide the
 ``data_prep`` package.
@@ -51,6 +55,7 @@ def main() -> None:
                  "--eta-t-events", "1500", "--events-per-shard", "500", "--workers", "2")
         _run("bench.loader", "--data", str(data), "--epochs", "3")
         _run("bench.train", "--data", str(data))
+    _run("bench.kernel_compile")
 
 
 if __name__ == "__main__":
