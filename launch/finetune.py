@@ -11,13 +11,12 @@ CPU ranks over gloo. Everything else lives in ``bumblebee_dist.finetune``.
 from __future__ import annotations
 
 from bumblebee_dist.finetune import run_finetuning
-from bumblebee_dist.train.entry import job_config
+from bumblebee_dist.train.entry import run_entry_point
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the config and run the fine-tuning job."""
-    config, resume = job_config(__doc__.splitlines()[0], argv)
-    run_finetuning(config, resume=resume)
+    run_entry_point(__doc__.splitlines()[0], run_finetuning, argv)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ Everything else lives in ``bumblebee_dist.train.run``.
 
 from __future__ import annotations
 
-from bumblebee_dist.train.entry import job_config
+from bumblebee_dist.train.entry import run_entry_point
 from bumblebee_dist.train.run import run_pretraining
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the config and run the pre-training job."""
-    config, resume = job_config(__doc__.splitlines()[0], argv)
-    run_pretraining(config, resume=resume)
+    run_entry_point(__doc__.splitlines()[0], run_pretraining, argv)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,21 @@ Layout under ``<run_dir>/checkpoints``::
     latest                  tag of the newest complete checkpoint (DeepSpeed's convention)
 
 A save goes to ``.tmp-step_<n>`` first. Only after every rank has written its files does rank 0
-write ``complete.json`` (step, world size, ZeRO stage) into it and rename the folder to its
-final name. A crash during a save therefore leaves a temporary folder, which resume ignores and
-the next save removes, and never a half-written checkpoint under a final name. Older complete checkpoints
-beyond ``train.keep_checkpoints`` are removed after the rename.
+write ``complete.json`` (step, world size, ZeRO stage, precision and the caller's settings, such
+as the model config) into it and rename the folder to its final name. A crash during a save
+therefore leaves a temporary folder, which resume ignores and the next save removes, and never
+a half-written checkpoint under a final name. Older complete checkpoints beyond
+``train.keep_checkpoints`` are removed after the rename.
 
 ``client_state`` carries what DeepSpeed does not: step, epoch, counters, the loader position
 and the Python, NumPy and torch RNG states. Loader positions and RNG states are gathered from
 every rank into lists indexed by rank, so each rank restores its own.
 
-A checkpoint resumes only on the world size it was saved with: ZeRO partitions the optimizer
-state by rank, and loading it on another world size would silently mismatch it.
+A checkpoint resumes only on the world size, ZeRO stage, precision and settings it was saved
+with: ZeRO partitions the optimizer state by rank, each stage and precision lays it out
+differently, and another model has other shapes. Loading checks these first and raises
+CheckpointError naming the first that differs, rather than failing inside DeepSpeed or
+loading a mismatched state.
 
 NOTE: on several nodes the checkpoint folder must be on a file system every node shares,
 because rank 0 alone renames and prunes folders.
@@ -149,11 +153,14 @@ def _world_size() -> int:
 
 
 def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any],
-                    *, keep: int, per_rank: dict[str, Any] | None = None) -> Path:
+                    *, keep: int, per_rank: dict[str, Any] | None = None,
+                    settings: dict[str, Any] | None = None) -> Path:
     """Save a complete checkpoint of ``engine`` at ``step`` on every rank (collective).
 
     ``client_state`` is stored as is; ``per_rank`` values are gathered from all ranks and stored
-    as lists indexed by rank. Returns the final checkpoint folder.
+    as lists indexed by rank. ``settings`` (JSON values) go into the marker, and
+    ``load_checkpoint`` compares them with the loading job's. Returns the final checkpoint
+    folder.
     """
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
@@ -167,16 +174,18 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: d
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
     _barrier()
     if _rank() == 0:
-        _complete(root, tmp_tag, tag, step, engine)
+        _complete(root, tmp_tag, tag, step, engine, settings or {})
         prune_checkpoints(root, keep)
     _barrier()
     return root / tag
 
 
-def _complete(root: Path, tmp_tag: str, tag: str, step: int, engine: Any) -> None:
+def _complete(root: Path, tmp_tag: str, tag: str, step: int, engine: Any,
+              settings: dict[str, Any]) -> None:
     """Mark the temporary folder complete, rename it to its final name and update ``latest``."""
     marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": _world_size(),
-              "zero_stage": int(engine.zero_optimization_stage())}
+              "zero_stage": int(engine.zero_optimization_stage()),
+              "precision": engine_precision(engine), "settings": settings}
     _write_atomic(root / tmp_tag / MARKER, json.dumps(marker, indent=2) + "\n")
     final = root / tag
     if final.exists():
@@ -216,6 +225,43 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Setting name -> the reason a checkpoint cannot be resumed when that setting changed.
+_MISMATCH_REASONS = {
+    "zero_stage": "DeepSpeed lays out the optimizer state differently at each ZeRO stage",
+    "precision": "bf16 training keeps an fp32 master copy of the weights that fp32 training lacks",
+    "model": "the weights have other shapes",
+    "task": "the model has another output head",
+}
+
+
+def engine_precision(engine: Any) -> str:
+    """Return "bf16" or "fp32": the precision ``engine`` trains in."""
+    return "bf16" if engine.bfloat16_enabled() else "fp32"
+
+
+def check_settings(path: Path, marker: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise CheckpointError when a setting in ``current`` differs from the checkpoint's.
+
+    A setting the checkpoint did not record (an older checkpoint) is not compared.
+    """
+    saved_settings = {**marker.get("settings", {}), **marker}
+    for name, value in current.items():
+        if name not in saved_settings or saved_settings[name] == value:
+            continue
+        saved = saved_settings[name]
+        if isinstance(value, dict) and isinstance(saved, dict):
+            fields = sorted(key for key in {*saved, *value} if saved.get(key) != value.get(key))
+            difference = ", ".join(f"{name}.{key}: {saved.get(key)!r} saved, {value.get(key)!r} "
+                                   "now" for key in fields)
+        else:
+            difference = f"{name}: {saved!r} saved, {value!r} now"
+        reason = _MISMATCH_REASONS.get(name, "the saved state depends on it")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be resumed with this job's settings ({difference}): "
+            f"{reason}. Resume with the saved value, or start a new run with --resume none "
+            "(from the exported weights, if they should carry over)")
+
+
 def check_world_size(path: Path, world_size: int) -> dict[str, Any]:
     """Return the checkpoint's marker; raise CheckpointError if it was saved on another world size."""
     marker = read_marker(path)
@@ -231,14 +277,18 @@ def check_world_size(path: Path, world_size: int) -> dict[str, Any]:
     return marker
 
 
-def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(engine: Any, path: str | Path,
+                    settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a complete checkpoint into ``engine`` on every rank; return this rank's client state.
 
     Values saved through ``per_rank`` come back as this rank's entry. Raises CheckpointError for
-    an incomplete checkpoint or a different world size.
+    an incomplete checkpoint, or a world size, ZeRO stage, precision or one of ``settings``
+    (the values passed to ``save_checkpoint``) that differs from the checkpoint's.
     """
     path = Path(path)
-    check_world_size(path, _world_size())
+    marker = check_world_size(path, _world_size())
+    check_settings(path, marker, {"zero_stage": int(engine.zero_optimization_stage()),
+                                  "precision": engine_precision(engine), **(settings or {})})
     load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import Any, Callable
 
-from bumblebee_dist.config import RunConfig, load_config
-from bumblebee_dist.train.preflight import check_launch_world_size
+from bumblebee_dist.config import ConfigError, RunConfig, load_config
+from bumblebee_dist.data.block import BlockFormatError
+from bumblebee_dist.data.packing import EventTooLongError
+from bumblebee_dist.data.shards import ManifestError, ShardError
+from bumblebee_dist.train.checkpoint import CheckpointError
+from bumblebee_dist.train.preflight import LaunchError, check_launch_world_size
+
+# Errors in the user's config, data or run folder rather than bugs: a job stopped by one prints
+# its message on one line per rank and exits with status 2, without a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, ManifestError, ShardError, BlockFormatError,
+               EventTooLongError, LaunchError, FileNotFoundError)
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,3 +43,13 @@ def job_config(description: str, argv: list[str] | None = None) -> tuple[RunConf
     args = parse_job_args(description, argv)
     check_launch_world_size(args.expected_world_size)
     return load_config(args.config, args.overrides, preset=args.preset), args.resume
+
+
+def run_entry_point(description: str, job: Callable[..., Any], argv: list[str] | None = None) -> None:
+    """Parse the command line and run ``job(config, resume=...)``; report user errors in one line."""
+    try:
+        config, resume = job_config(description, argv)
+        job(config, resume=resume)
+    except USER_ERRORS as error:
+        print(f"[rank {os.environ.get('RANK', '0')}] error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)

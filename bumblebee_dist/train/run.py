@@ -12,6 +12,7 @@ this code; rank 0 alone logs, talks to MLflow and writes ``<run_dir>/result.json
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -100,15 +101,22 @@ def make_checkpoint_saver(config: RunConfig) -> Callable[[Trainer], Path]:
         return ckpt.save_checkpoint(trainer.engine.engine, config.train.run_dir,
                                     trainer.state.step, _client_state(trainer),
                                     keep=config.train.keep_checkpoints,
-                                    per_rank=_per_rank_state(trainer))
+                                    per_rank=_per_rank_state(trainer),
+                                    settings=checkpoint_settings(config, trainer.task))
     return save
 
 
-def resume_state(engine, train_loader: EventLoader, path: Path | None) -> TrainState:
+def checkpoint_settings(config: RunConfig, task: Task) -> dict[str, Any]:
+    """Return the settings a checkpoint records and a resumed job must match."""
+    return {"model": dataclasses.asdict(config.model), "task": task.name}
+
+
+def resume_state(engine, train_loader: EventLoader, path: Path | None,
+                 settings: dict[str, Any] | None = None) -> TrainState:
     """Load checkpoint ``path`` (or nothing) and return the training state to continue from."""
     if path is None:
         return TrainState()
-    saved = ckpt.load_checkpoint(engine, path)
+    saved = ckpt.load_checkpoint(engine, path, settings)
     state = TrainState(**saved["train_state"])
     train_loader.load_state_dict(saved["loader"])
     ckpt.restore_rng_state(saved["rng"])
@@ -142,7 +150,7 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     engine = build_engine(model, config.train, dist)
     train_loader, val_loader = build_loaders(config, task, dist)
     resume_path = broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
-    state = resume_state(engine.engine, train_loader, resume_path)
+    state = resume_state(engine.engine, train_loader, resume_path, checkpoint_settings(config, task))
     tracker = _start_tracking(config, dist, state, task)
     trainer = Trainer(config, task, engine, train_loader, val_loader, tracker, state,
                       save_checkpoint=make_checkpoint_saver(config))

@@ -2,7 +2,7 @@
 
 Three launches of ``launch/pretrain.py`` (about 25 s each): the reference run; the same config
 killed with SIGKILL on the launcher's process group after a checkpoint; and its resume with
-``--resume auto``. Dropout is on and the loader uses a worker process, so the RNG states and
+``--resume auto``. A fourth tries to resume the finished run under another ZeRO stage. Dropout is on and the loader uses a worker process, so the RNG states and
 the loader position must all come back for the losses to match bit for bit.
 """
 
@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
     (checkpoints / (ckpt.TMP_PREFIX + ckpt.tag_for(999)) / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (checkpoints / ckpt.tag_for(998)).mkdir()
     resumed_log = run_to_end(data, root / "resumed")
-    return {"root": root, "killed_returncode": killed, "steps_at_kill": steps_at_kill,
+    return {"root": root, "data": data, "killed_returncode": killed, "steps_at_kill": steps_at_kill,
             "complete_at_kill": complete_at_kill, "resumed_log": resumed_log}
 
 
@@ -129,3 +129,14 @@ def test_resumed_weights_bit_identical(runs):
     reference = (runs["root"] / "reference" / "export" / "model.safetensors").read_bytes()
     resumed = (runs["root"] / "resumed" / "export" / "model.safetensors").read_bytes()
     assert resumed == reference
+
+
+def test_resume_with_other_zero_stage_rejected(runs):
+    command, env = pretrain_command(runs["data"], runs["root"] / "resumed", "auto")
+    done = subprocess.run([*command, "train.zero_stage=3"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "error: checkpoint" in output, output[-3000:]
+    assert "zero_stage: 2 saved, 3 now" in output
+    assert "Traceback" not in output

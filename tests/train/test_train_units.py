@@ -129,6 +129,31 @@ def test_other_world_size_rejected(tmp_path):
     assert "world size 2" in str(error.value)
 
 
+SAVED_MARKER = {"step": 50, "world_size": 2, "zero_stage": 2, "precision": "fp32",
+                "settings": {"model": {"num_layers": 4, "hidden_size": 64}, "task": "pretrain"}}
+
+
+@pytest.mark.parametrize("current, expected", [
+    ({"zero_stage": 3}, "zero_stage: 2 saved, 3 now"),
+    ({"precision": "bf16"}, "precision: 'fp32' saved, 'bf16' now"),
+    ({"model": {"num_layers": 4, "hidden_size": 128}}, "model.hidden_size: 64 saved, 128 now"),
+    ({"task": "finetune-toponium"}, "task: 'pretrain' saved, 'finetune-toponium' now"),
+])
+def test_changed_setting_rejected(tmp_path, current, expected):
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.check_settings(tmp_path, SAVED_MARKER, current)
+    assert expected in str(error.value)
+    assert "--resume none" in str(error.value)
+
+
+def test_same_settings_accepted(tmp_path):
+    ckpt.check_settings(tmp_path, SAVED_MARKER, {
+        "zero_stage": 2, "precision": "fp32", "task": "pretrain",
+        "model": {"num_layers": 4, "hidden_size": 64}})
+    # A setting the checkpoint did not record is not compared.
+    ckpt.check_settings(tmp_path, {"step": 50, "world_size": 2}, {"zero_stage": 3})
+
+
 def test_rng_state_round_trip():
     state = ckpt.capture_rng_state()
     expected = (np.random.rand(), torch.rand(2))
