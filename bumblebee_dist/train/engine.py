@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,8 +83,32 @@ def init_distributed() -> DistInfo:
     backend = select_backend()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+        release_shm_buffer()
     return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Return the shared-memory file DeepSpeed's CPU allreduce creates for ``rank`` of this job."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                               f"{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shared-memory allreduce buffer once every rank has mapped it.
+
+    With CPU ranks on one machine, DeepSpeed creates a 66 MiB file per rank under /dev/shm and
+    never removes it, so every job, even one that ends cleanly, leaves its files behind. Each
+    rank maps all the other ranks' files while the process group starts; after a barrier, each
+    rank unlinks its own. The mappings stay valid until the process exits, and a killed job
+    leaves nothing behind.
+    """
+    path = shm_buffer_path(torch.distributed.get_rank())
+    if not path.exists():
+        return
+    torch.distributed.barrier()
+    path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

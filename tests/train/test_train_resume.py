@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,11 @@ def run_to_end(data, run_dir, resume="auto"):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
-    return output
+    return output, master_port(command)
+
+
+def master_port(command):
+    return command[command.index("--master_port") + 1]
 
 
 def read_steps(run_dir):
@@ -46,9 +51,10 @@ def read_steps(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def run_and_kill(data, run_dir):
+def run_and_kill(data, run_dir, ports):
     """Start a run and SIGKILL its whole process group once KILL_AFTER_STEP is logged."""
     command, env = pretrain_command(data, run_dir, "none")
+    ports.append(master_port(command))
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -71,8 +77,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     data = root / "data"
     write_dataset(data, {"train": [300, 300], "val": [40]}, seed=21)
-    run_to_end(data, root / "reference", resume="none")
-    killed = run_and_kill(data, root / "resumed")
+    _, reference_port = run_to_end(data, root / "reference", resume="none")
+    ports = [reference_port]
+    killed = run_and_kill(data, root / "resumed", ports)
     steps_at_kill = read_steps(root / "resumed")
     complete_at_kill = ckpt.list_complete(ckpt.checkpoint_root(root / "resumed"))
     # A crash during a save leaves a temporary folder, and a final-named folder without its
@@ -81,8 +88,9 @@ def runs(tmp_path_factory):
     (checkpoints / (ckpt.TMP_PREFIX + ckpt.tag_for(999))).mkdir()
     (checkpoints / (ckpt.TMP_PREFIX + ckpt.tag_for(999)) / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (checkpoints / ckpt.tag_for(998)).mkdir()
-    resumed_log = run_to_end(data, root / "resumed")
-    return {"root": root, "data": data, "killed_returncode": killed, "steps_at_kill": steps_at_kill,
+    resumed_log, resumed_port = run_to_end(data, root / "resumed")
+    ports.append(resumed_port)
+    return {"root": root, "data": data, "ports": ports, "killed_returncode": killed, "steps_at_kill": steps_at_kill,
             "complete_at_kill": complete_at_kill, "resumed_log": resumed_log}
 
 
@@ -140,3 +148,11 @@ def test_resume_with_other_zero_stage_rejected(runs):
     assert "error: checkpoint" in output, output[-3000:]
     assert "zero_stage: 2 saved, 3 now" in output
     assert "Traceback" not in output
+
+
+def test_no_shared_memory_left(runs):
+    # DeepSpeed's CPU allreduce buffers (one /dev/shm file per rank) are gone after every run,
+    # the killed one included.
+    for port in runs["ports"]:
+        left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert left == [], port
