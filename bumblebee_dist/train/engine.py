@@ -208,6 +208,28 @@ class TrainEngine:
             group["lr"] = lr
 
 
+# Attribute of a bf16 parameter that points at its fp32 master copy, where DeepSpeed keeps the
+# copies in plain lists (bf16 without ZeRO) rather than mapping them itself as ZeRO does.
+MASTER_ATTRIBUTE = "_bumblebee_fp32_master"
+
+
+def link_master_weights(optimizer: Any, initial: dict[int, torch.Tensor]) -> None:
+    """Link each bf16 parameter to its fp32 master copy in DeepSpeed's bf16 wrapper without ZeRO.
+
+    That wrapper copies the master weights from the parameters after they were cast to bf16, so
+    they would start rounded; ``initial`` (parameter id -> fp32 value before the cast) restores
+    the fp32 start that ZeRO stages get. The export reads the linked master copies.
+    """
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if low is None or high is None:
+        return
+    for low_group, high_group in zip(low, high):
+        for parameter, master in zip(low_group, high_group):
+            if id(parameter) in initial:
+                master.data.copy_(initial[id(parameter)])
+            setattr(parameter, MASTER_ATTRIBUTE, master)
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, dist: DistInfo) -> TrainEngine:
     """Wrap ``model`` in a DeepSpeed engine configured from ``train``."""
     deepspeed = _deepspeed()
@@ -219,12 +241,14 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, dist: DistInfo) -> 
     # zero gradients. AdamW would count that step as its first update, which shifts the bias
     # correction of every later update and applies weight decay once. The closed gate makes it a
     # no-op, so AdamW creates its states at the first real step.
+    initial = {id(p): p.detach().clone() for p in model.parameters()} if precision == "bf16" else {}
     gate.closed = True
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
     finally:
         gate.closed = False
+    link_master_weights(engine.optimizer, initial)
     if dist.is_main:
         LOG.info("DeepSpeed engine: %d ranks over %s (accelerator %s), ZeRO stage %d, %s, "
                  "gradient accumulation %d, gradient clip %s", dist.world_size, dist.backend,

@@ -6,8 +6,10 @@ full shapes) and ``config.json`` (the model config and what produced the weights
 
 Where the weights come from:
 
-- ZeRO-1 and ZeRO-2, and bf16 without ZeRO: the fp32 master weights held by the optimizer
-  partitions, assembled with ``deepspeed.utils.safe_get_full_fp32_param`` (a collective);
+- ZeRO-1 and ZeRO-2: the fp32 master weights held by the optimizer partitions, assembled
+  with ``deepspeed.utils.safe_get_full_fp32_param`` (a collective);
+- bf16 without ZeRO: the fp32 master copies of DeepSpeed's bf16 wrapper, which
+  ``bumblebee_dist.train.engine.build_engine`` links to the parameters;
 - ZeRO-3: the same for trained parameters, and ``deepspeed.zero.GatheredParameters`` for
   parameters the optimizer does not hold;
 - fp32 without ZeRO: the parameters themselves, which are the fp32 weights.
@@ -30,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bumblebee_dist.config import ModelConfig
+from bumblebee_dist.train.engine import MASTER_ATTRIBUTE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -59,6 +62,10 @@ def _full_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
     # rank that has no fragment of the parameter, and that rank must still join the all-reduce.
     if parameter.requires_grad and hasattr(parameter, "_hp_mapping"):
         return safe_get_full_fp32_param(parameter).detach().float().cpu()
+    # bf16 without ZeRO: the master copy linked by bumblebee_dist.train.engine.
+    master = getattr(parameter, MASTER_ATTRIBUTE, None)
+    if master is not None:
+        return master.detach().float().cpu().clone()
     return parameter.detach().float().cpu().clone()
 
 

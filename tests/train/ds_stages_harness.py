@@ -116,6 +116,8 @@ def train_steps(config: RunConfig, loader, steps: list[list[StepInputs]], dist: 
             out["export_output_difference"] = float((plain_output - engine_output).abs().max())
             out["export_weights_difference"] = max_difference(states[-1], plain.state_dict())
             out["export_numel"] = sum(t.numel() for t in plain.state_dict().values())
+            values = torch.cat([t.flatten() for t in plain.state_dict().values()])
+            out["export_bf16_exact_share"] = float((values.bfloat16().float() == values).float().mean())
     if round_trip:
         out.update(checkpoint_round_trip(trainer, steps[0], dist))
     if dist.is_main:
