@@ -154,7 +154,8 @@ class EventLoader:
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]!r}, this loader has "
                     f"{key}={self._setting(key)!r}; the saved position names other batches. "
-                    f"Resume with the same {key} or start the epoch over"
+                    f"Resume with the same {key}, or start a new run (--resume none in another "
+                    "train.run_dir)"
                 )
         previous = (self.epoch, self.position)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

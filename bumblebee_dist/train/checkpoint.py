@@ -92,10 +92,17 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """Turn ``--resume`` into a checkpoint folder, or None to start from scratch.
 
     ``auto``: the newest complete checkpoint of the run, or None when there is none. ``none``:
-    None. Anything else is a path: a checkpoint folder, or a folder of checkpoints whose newest
+    None, and an error when the run folder already has complete checkpoints. Anything else is a path: a checkpoint folder, or a folder of checkpoints whose newest
     complete one is taken. A path without a complete checkpoint is an error.
     """
     if resume == "none":
+        complete = list_complete(checkpoint_root(run_dir))
+        if complete:
+            raise CheckpointError(
+                f"--resume none: {checkpoint_root(run_dir)} already has checkpoints of an earlier "
+                f"run (newest at step {complete[-1][0]}), which a new run there would mix with "
+                "its own. Continue that run with --resume auto, or start the new one in another "
+                "train.run_dir")
         return None
     if resume == "auto":
         complete = list_complete(checkpoint_root(run_dir))
@@ -231,6 +238,7 @@ _MISMATCH_REASONS = {
     "precision": "bf16 training keeps an fp32 master copy of the weights that fp32 training lacks",
     "model": "the weights have other shapes",
     "task": "the model has another output head",
+    "data_manifest_sha256": "the saved loader position counts batches of the saved data set",
 }
 
 
@@ -258,8 +266,8 @@ def check_settings(path: Path, marker: dict[str, Any], current: dict[str, Any]) 
         reason = _MISMATCH_REASONS.get(name, "the saved state depends on it")
         raise CheckpointError(
             f"checkpoint {path} cannot be resumed with this job's settings ({difference}): "
-            f"{reason}. Resume with the saved value, or start a new run with --resume none "
-            "(from the exported weights, if they should carry over)")
+            f"{reason}. Resume with the saved value, or start a new run in another "
+            "train.run_dir (from the exported weights, if they should carry over)")
 
 
 def check_world_size(path: Path, world_size: int) -> dict[str, Any]:
@@ -272,8 +280,8 @@ def check_world_size(path: Path, world_size: int) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} was saved with world size {saved}, but this job has world size "
             f"{world_size}; ZeRO optimizer state is partitioned by rank and cannot be loaded on "
-            f"another world size. Resume with {saved} ranks, or start a new run from the weights "
-            "alone (--resume none with finetune.pretrained or an exported model)")
+            f"another world size. Resume with {saved} ranks, or start a new run in another "
+            "train.run_dir from the weights alone (finetune.pretrained or an exported model)")
     return marker
 
 

@@ -37,6 +37,7 @@ from bumblebee_dist.train.loop import Task, Trainer, TrainState
 LOG = logging.getLogger(__name__)
 RESULT_NAME = "result.json"
 CONFIG_NAME = "config_resolved.json"
+LOCK_NAME = ".lock"
 EXPORT_DIR = "export"
 
 
@@ -95,20 +96,51 @@ def _per_rank_state(trainer: Trainer) -> dict[str, Any]:
     return {"loader": trainer.train_loader.state_dict(), "rng": ckpt.capture_rng_state()}
 
 
-def make_checkpoint_saver(config: RunConfig) -> Callable[[Trainer], Path]:
+def make_checkpoint_saver(config: RunConfig, settings: dict[str, Any]) -> Callable[[Trainer], Path]:
     """Return the function the trainer calls (on every rank) to save a checkpoint."""
     def save(trainer: Trainer) -> Path:
         return ckpt.save_checkpoint(trainer.engine.engine, config.train.run_dir,
                                     trainer.state.step, _client_state(trainer),
                                     keep=config.train.keep_checkpoints,
-                                    per_rank=_per_rank_state(trainer),
-                                    settings=checkpoint_settings(config, trainer.task))
+                                    per_rank=_per_rank_state(trainer), settings=settings)
     return save
 
 
-def checkpoint_settings(config: RunConfig, task: Task) -> dict[str, Any]:
+def checkpoint_settings(config: RunConfig, task: Task, manifest_sha: str) -> dict[str, Any]:
     """Return the settings a checkpoint records and a resumed job must match."""
-    return {"model": dataclasses.asdict(config.model), "task": task.name}
+    return {"model": dataclasses.asdict(config.model), "task": task.name,
+            "data_manifest_sha256": manifest_sha}
+
+
+class RunDirBusyError(RuntimeError):
+    """Another job has the run folder locked; the message names the folder and the lock holder."""
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Take the run folder's lock for this process's lifetime, or raise RunDirBusyError.
+
+    Two jobs in one folder would prune each other's checkpoints and interleave their logs. The
+    lock is an flock on ``<run_dir>/.lock``, which the kernel releases when the process ends,
+    however it ends. NOTE: flock on network file systems depends on the server; on NFS it may
+    not exclude a job on another node.
+    """
+    import fcntl
+    import socket
+
+    handle = open(run_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirBusyError(
+            f"train.run_dir {run_dir} is in use by {holder}; wait for that job to end, stop it, "
+            "or choose another train.run_dir") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def resume_state(engine, train_loader: EventLoader, path: Path | None,
@@ -118,7 +150,10 @@ def resume_state(engine, train_loader: EventLoader, path: Path | None,
         return TrainState()
     saved = ckpt.load_checkpoint(engine, path, settings)
     state = TrainState(**saved["train_state"])
-    train_loader.load_state_dict(saved["loader"])
+    try:
+        train_loader.load_state_dict(saved["loader"])
+    except ValueError as error:
+        raise ckpt.CheckpointError(f"checkpoint {path} cannot be resumed: {error}") from error
     ckpt.restore_rng_state(saved["rng"])
     state.resumed_from_step = state.step
     LOG.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
@@ -144,16 +179,26 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     ``metadata`` is added to the export's config.json.
     """
     run_dir = Path(config.train.run_dir)
+    lock, busy = None, ""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / CONFIG_NAME)
+        try:
+            lock = lock_run_dir(run_dir)
+        except RunDirBusyError as error:
+            busy = str(error)
+    busy = broadcast(busy)
+    if busy:
+        raise RunDirBusyError(busy)
+    settings = checkpoint_settings(config, task, sha256_file(read_manifest(config.data.path).path))
     engine = build_engine(model, config.train, dist)
     train_loader, val_loader = build_loaders(config, task, dist)
     resume_path = broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
-    state = resume_state(engine.engine, train_loader, resume_path, checkpoint_settings(config, task))
+    state = resume_state(engine.engine, train_loader, resume_path, settings)
+    if dist.is_main:  # after the resume checks, so a rejected resume leaves the file as it was
+        config.save(run_dir / CONFIG_NAME)
     tracker = _start_tracking(config, dist, state, task)
     trainer = Trainer(config, task, engine, train_loader, val_loader, tracker, state,
-                      save_checkpoint=make_checkpoint_saver(config))
+                      save_checkpoint=make_checkpoint_saver(config, settings))
     LOG.info("%s: preset %s, %s parameters, %d ranks, ZeRO stage %d, %d train events, "
              "up to %d tokens per micro-batch, %d optimizer steps; resolved config in %s",
              task.name, config.model_preset, f"{trainer.num_parameters:,}", dist.world_size,

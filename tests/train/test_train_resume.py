@@ -2,8 +2,10 @@
 
 Three launches of ``launch/pretrain.py`` (about 25 s each): the reference run; the same config
 killed with SIGKILL on the launcher's process group after a checkpoint; and its resume with
-``--resume auto``. A fourth tries to resume the finished run under another ZeRO stage. Dropout is on and the loader uses a worker process, so the RNG states and
-the loader position must all come back for the losses to match bit for bit.
+``--resume auto``. Dropout is on and the loader uses a worker process, so the RNG states and
+the loader position must all come back for the losses to match bit for bit. Two more launches
+must stop at once: a resume of the finished run under another ZeRO stage, and a job in a run
+folder whose lock this test holds.
 """
 
 import json
@@ -18,6 +20,7 @@ import pytest
 from bumblebee_dist.data.synthetic import write_dataset
 from bumblebee_dist.launching import deepspeed_command
 from bumblebee_dist.train import checkpoint as ckpt
+from bumblebee_dist.train.run import lock_run_dir
 
 pytestmark = pytest.mark.slow
 KILL_AFTER_STEP = 22  # in the second epoch; checkpoints every 5 steps
@@ -156,3 +159,16 @@ def test_no_shared_memory_left(runs):
     for port in runs["ports"]:
         left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         assert left == [], port
+
+
+def test_second_job_in_run_dir_rejected(runs, tmp_path):
+    held = lock_run_dir(tmp_path)  # stands for a job already running in this folder
+    try:
+        command, env = pretrain_command(runs["data"], tmp_path, "auto")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        held.close()
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"train.run_dir {tmp_path} is in use by pid {os.getpid()}" in output, output[-3000:]
+    assert "Traceback" not in output

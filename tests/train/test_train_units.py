@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from bumblebee_dist.train import checkpoint as ckpt
 from bumblebee_dist.train.engine import StepGate, deepspeed_config, lr_at
 from bumblebee_dist.train.export import (ExportError, check_state_dict, expected_shapes,
                                          load_exported, write_export)
+from bumblebee_dist.train.run import RunDirBusyError, lock_run_dir
 
 SAMPLES = [{"name": "ttbar", "id": 0}, {"name": "eta_t", "id": 1}]
 
@@ -102,7 +104,6 @@ def test_resume_auto_picks_newest_complete(tmp_path):
     incomplete = root / ckpt.tag_for(200)
     incomplete.mkdir()  # final name but no marker
     assert ckpt.resolve_resume("auto", tmp_path) == newest
-    assert ckpt.resolve_resume("none", tmp_path) is None
     assert ckpt.resolve_resume(str(root), tmp_path) == newest
 
 
@@ -143,7 +144,36 @@ def test_changed_setting_rejected(tmp_path, current, expected):
     with pytest.raises(ckpt.CheckpointError) as error:
         ckpt.check_settings(tmp_path, SAVED_MARKER, current)
     assert expected in str(error.value)
-    assert "--resume none" in str(error.value)
+    assert "another train.run_dir" in str(error.value)
+
+
+def test_other_data_set_rejected(tmp_path):
+    marker = {**SAVED_MARKER, "settings": {"data_manifest_sha256": "aa11"}}
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.check_settings(tmp_path, marker, {"data_manifest_sha256": "bb22"})
+    assert "data_manifest_sha256: 'aa11' saved, 'bb22' now" in str(error.value)
+    assert "loader position" in str(error.value)
+
+
+def test_resume_none_rejects_used_run_dir(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    fake_checkpoint(root, 40, complete=False)
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    fake_checkpoint(root, 50)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.resolve_resume("none", tmp_path)
+    assert "newest at step 50" in str(error.value)
+    assert "--resume auto" in str(error.value)
+
+
+def test_run_dir_lock_excludes_second_job(tmp_path):
+    first = lock_run_dir(tmp_path)
+    with pytest.raises(RunDirBusyError) as error:
+        lock_run_dir(tmp_path)
+    assert f"pid {os.getpid()}" in str(error.value)
+    assert str(tmp_path) in str(error.value)
+    first.close()  # the lock goes with the file, as when the holding process ends
+    lock_run_dir(tmp_path).close()
 
 
 def test_same_settings_accepted(tmp_path):
