@@ -7,8 +7,8 @@ Layout under ``<run_dir>/checkpoints``::
     latest                  tag of the newest complete checkpoint (DeepSpeed's convention)
 
 A save goes to ``.tmp-step_<n>`` first. Only after every rank has written its files does rank 0
-write ``complete.json`` (step, world size, ZeRO stage, precision and the caller's settings, such
-as the model config) into it and rename the folder to its final name. A crash during a save
+write ``complete.json`` (step, world size, ZeRO stage, precision, the caller's settings such as
+the model config, and the size of every file) into it and rename the folder to its final name. A crash during a save
 therefore leaves a temporary folder, which resume ignores and the next save removes, and never
 a half-written checkpoint under a final name. Older complete checkpoints beyond
 ``train.keep_checkpoints`` are removed after the rename.
@@ -74,6 +74,18 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def damaged_files(path: Path, marker: dict[str, Any]) -> list[str]:
+    """Return the files the marker lists that are missing from ``path`` or have another size."""
+    damaged = []
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            damaged.append(f"{name} (missing)")
+        elif file.stat().st_size != size:
+            damaged.append(f"{name} ({file.stat().st_size} bytes, {size} saved)")
+    return damaged
+
+
 def list_complete(root: str | Path) -> list[tuple[int, Path]]:
     """Return (step, folder) of every complete checkpoint under ``root``, oldest first."""
     root = Path(root)
@@ -91,7 +103,9 @@ def list_complete(root: str | Path) -> list[tuple[int, Path]]:
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """Turn ``--resume`` into a checkpoint folder, or None to start from scratch.
 
-    ``auto``: the newest complete checkpoint of the run, or None when there is none. ``none``:
+    ``auto``: the newest complete checkpoint of the run whose files are all there at their saved
+    sizes (a damaged one is logged and skipped; an error when all are), or None when there is
+    none. ``none``:
     None, and an error when the run folder already has complete checkpoints. Anything else is a path: a checkpoint folder, or a folder of checkpoints whose newest
     complete one is taken. A path without a complete checkpoint is an error.
     """
@@ -106,9 +120,25 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         complete = list_complete(checkpoint_root(run_dir))
-        return complete[-1][1] if complete else None
+        for _, path in reversed(complete):
+            damaged = damaged_files(path, read_marker(path))
+            if not damaged:
+                return path
+            LOG.warning("checkpoint %s is damaged (%s); trying the one before it", path,
+                        ", ".join(damaged[:3]))
+        if complete:
+            raise CheckpointError(
+                f"every checkpoint in {checkpoint_root(run_dir)} is damaged (files missing or "
+                "cut short, see the warnings above); restore them, or start a new run in another "
+                "train.run_dir")
+        return None
     path = Path(resume)
-    if read_marker(path) is not None:
+    marker = read_marker(path)
+    if marker is not None:
+        damaged = damaged_files(path, marker)
+        if damaged:
+            raise CheckpointError(f"--resume {resume}: checkpoint is damaged: "
+                                  f"{', '.join(damaged[:3])}; pass an older checkpoint")
         return path
     complete = list_complete(path)
     if not complete:
@@ -190,9 +220,12 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: d
 def _complete(root: Path, tmp_tag: str, tag: str, step: int, engine: Any,
               settings: dict[str, Any]) -> None:
     """Mark the temporary folder complete, rename it to its final name and update ``latest``."""
+    folder = root / tmp_tag
+    files = {str(file.relative_to(folder)): file.stat().st_size
+             for file in sorted(folder.rglob("*")) if file.is_file()}
     marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": _world_size(),
               "zero_stage": int(engine.zero_optimization_stage()),
-              "precision": engine_precision(engine), "settings": settings}
+              "precision": engine_precision(engine), "settings": settings, "files": files}
     _write_atomic(root / tmp_tag / MARKER, json.dumps(marker, indent=2) + "\n")
     final = root / tag
     if final.exists():

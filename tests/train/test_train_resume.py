@@ -91,6 +91,9 @@ def runs(tmp_path_factory):
     (checkpoints / (ckpt.TMP_PREFIX + ckpt.tag_for(999))).mkdir()
     (checkpoints / (ckpt.TMP_PREFIX + ckpt.tag_for(999)) / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (checkpoints / ckpt.tag_for(998)).mkdir()
+    # A complete checkpoint with a file cut short afterwards: resume takes the one before it.
+    damaged = complete_at_kill[-1][1] / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
     resumed_log, resumed_port = run_to_end(data, root / "resumed")
     ports.append(resumed_port)
     return {"root": root, "data": data, "ports": ports, "killed_returncode": killed, "steps_at_kill": steps_at_kill,
@@ -106,14 +109,16 @@ def test_run_killed_mid_epoch(runs):
     assert runs["steps_at_kill"][-1]["step"] >= KILL_AFTER_STEP
     reference_steps = read_result(runs, "reference")["steps"]
     assert runs["steps_at_kill"][-1]["step"] < reference_steps, "the run ended before the kill"
-    assert runs["complete_at_kill"], "no checkpoint was complete at the kill"
+    assert len(runs["complete_at_kill"]) >= 2, "fewer than 2 checkpoints were complete at the kill"
 
 
-def test_resume_takes_newest_complete_checkpoint(runs):
-    newest_step = runs["complete_at_kill"][-1][0]
+def test_resume_takes_newest_undamaged_checkpoint(runs):
+    damaged = runs["complete_at_kill"][-1][1]
+    older_step = runs["complete_at_kill"][-2][0]
     resumed = read_result(runs, "resumed")
-    assert resumed["resumed_from_step"] == newest_step
-    assert newest_step >= 20
+    assert resumed["resumed_from_step"] == older_step
+    assert older_step >= 15
+    assert f"checkpoint {damaged} is damaged" in runs["resumed_log"]
     assert f"resumed from {ckpt.checkpoint_root(runs['root'] / 'resumed')}" in runs["resumed_log"]
     leftovers = list(ckpt.checkpoint_root(runs["root"] / "resumed").glob(ckpt.TMP_PREFIX + "*"))
     assert leftovers == []

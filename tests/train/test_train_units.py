@@ -107,6 +107,26 @@ def test_resume_auto_picks_newest_complete(tmp_path):
     assert ckpt.resolve_resume(str(root), tmp_path) == newest
 
 
+def test_damaged_checkpoint_skipped(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    older = fake_checkpoint(root, 50)
+    newest = fake_checkpoint(root, 100)
+    for path in (older, newest):
+        (path / "model_states.pt").write_bytes(b"12345")
+        marker = json.loads((path / ckpt.MARKER).read_text())
+        marker["files"] = {"model_states.pt": 5}
+        (path / ckpt.MARKER).write_text(json.dumps(marker))
+    assert ckpt.resolve_resume("auto", tmp_path) == newest
+    (newest / "model_states.pt").write_bytes(b"123")  # truncated
+    assert ckpt.resolve_resume("auto", tmp_path) == older
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.resolve_resume(str(newest), tmp_path)
+    assert "model_states.pt (3 bytes, 5 saved)" in str(error.value)
+    (older / "model_states.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="every checkpoint in .* is damaged"):
+        ckpt.resolve_resume("auto", tmp_path)
+
+
 def test_resume_path_without_checkpoint_rejected(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
