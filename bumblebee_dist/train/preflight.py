@@ -1,14 +1,14 @@
 """Checks that run before a multi-node launch and at the start of every rank.
 
 The DeepSpeed launcher (0.19.8, ``deepspeed/launcher/runner.py``) proceeds with the local
-machine alone when the hostfile is missing. It takes the first N hosts when ``--num_nodes N``
-is larger than the hostfile. A typo in a path can therefore start a job on fewer ranks than
-requested. Two checks close that gap:
+machine alone when the hostfile is missing, unless ``--num_nodes`` is above 1. It uses every
+host of the hostfile when ``--num_nodes N`` is larger than the number of hosts. A typo in a
+path can therefore start a job on fewer ranks than requested. Two checks close that gap:
 
-- ``check_hostfile``, before any process starts: the hostfile exists, is readable, parses in
-  DeepSpeed's format (``<host> slots=<n>`` per line, ``#`` comments) and lists at least
-  ``num_nodes`` hosts with at least ``num_gpus`` slots each. It returns the world size the job
-  will have, which the launch wrapper passes to the entry point;
+- ``check_hostfile``, before any process starts: the hostfile exists, is readable, parses as
+  DeepSpeed's ``_parse_hostfile`` parses it, gives every host at least 1 slot, and lists at
+  least ``num_nodes`` hosts with at least ``num_gpus`` slots each. It returns the world size
+  the job will have, which the launch wrapper passes to the entry point;
 - ``check_launch_world_size``, at the start of the entry point: the launcher's ``WORLD_SIZE``
   equals that expected size.
 """
@@ -20,8 +20,10 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-# Same pattern as DeepSpeed's own hostfile parser: a host name, blanks, then slots=<count>.
-_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
+# The pattern of DeepSpeed 0.19.8's ``_parse_hostfile``: a host name, blanks, then slots=<count>.
+# It is not anchored at the end, so DeepSpeed ignores whatever follows the count: a comment
+# ("slots=2 # gpu"), and also other text ("slots=2x" gives 2 slots).
+_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
 
 
 class LaunchError(RuntimeError):
@@ -31,8 +33,11 @@ class LaunchError(RuntimeError):
 def read_hostfile(path: str | Path) -> OrderedDict[str, int]:
     """Parse a DeepSpeed hostfile into host name -> slots, in file order.
 
-    Raises LaunchError naming the file when it is missing, unreadable, empty, has a line that
-    is not ``<host> slots=<n>``, or names a host twice.
+    A line is accepted exactly when DeepSpeed 0.19.8 accepts it: after stripping blanks, empty
+    lines and lines starting with ``#`` are skipped, and every other line must start with
+    ``<host> slots=<digits>``. Raises LaunchError naming the file when it is missing, unreadable
+    or empty, has another line, names a host twice, or gives a host 0 slots. DeepSpeed accepts
+    ``slots=0``, but a node without ranks cannot join the job.
     """
     path = Path(path)
     if not path.exists():
@@ -45,7 +50,9 @@ def read_hostfile(path: str | Path) -> OrderedDict[str, int]:
     except (OSError, UnicodeDecodeError) as error:
         raise LaunchError(f"hostfile {path} is not readable: {error}") from error
     hosts: OrderedDict[str, int] = OrderedDict()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # read_text() turns \r\n and \r into \n, so this splits where DeepSpeed's readlines() does.
+    # str.splitlines() would also split at form feeds and other separators that DeepSpeed keeps.
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -56,6 +63,9 @@ def read_hostfile(path: str | Path) -> OrderedDict[str, int]:
         host, slots = match.group(1), int(match.group(2))
         if host in hosts:
             raise LaunchError(f"hostfile {path} line {number} lists host {host!r} a second time")
+        if slots < 1:
+            raise LaunchError(f"hostfile {path} line {number} {line!r} gives slots={slots}: "
+                              "slots must be at least 1; remove the host or give its GPU count")
         hosts[host] = slots
     if not hosts:
         raise LaunchError(f"hostfile {path} lists no hosts; expected lines '<host> slots=<count>'")
@@ -69,9 +79,9 @@ def check_hostfile(path: str | Path | None, num_nodes: int, num_gpus: int | None
     are the first ``num_nodes`` of the file, which is the order DeepSpeed uses.
     """
     if num_nodes < 1:
-        raise LaunchError(f"--num_nodes {num_nodes} is invalid: must be >= 1")
+        raise LaunchError(f"--num_nodes {num_nodes} is invalid: must be at least 1")
     if num_gpus is not None and num_gpus < 1:
-        raise LaunchError(f"--num_gpus {num_gpus} is invalid: must be >= 1")
+        raise LaunchError(f"--num_gpus {num_gpus} is invalid: must be at least 1")
     if path is None:
         raise LaunchError(f"--num_nodes {num_nodes} needs a hostfile: pass --hostfile FILE "
                           "with one line '<host> slots=<gpus>' per node")

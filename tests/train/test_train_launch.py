@@ -1,11 +1,15 @@
 """The real entry points under the ``deepspeed`` launcher with 2 CPU ranks and the tiny preset.
 
 Three launches (about 30 s each): pre-train 4 steps and register the export; resume the same
-run to 6 steps; fine-tune on toponium from ``models:/<name>@champion``.
+run to 6 steps; fine-tune on toponium from ``models:/<name>@champion``. A fourth starts
+``bumblebee pretrain`` and SIGKILLs it once the ranks run, to check that the job goes with it.
 """
 
 import json
+import os
+import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +17,7 @@ from bumblebee_dist.data.synthetic import write_dataset
 from bumblebee_dist.launching import deepspeed_command
 from bumblebee_dist.tracking import make_client
 from bumblebee_dist.train.export import load_exported
+from tests.train.test_train_preflight import job_processes, kill_leftovers, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "tiny-pretrained"
@@ -102,3 +107,32 @@ def test_finetune_from_registered_model(runs):
     config = json.loads((runs["root"] / "finetune" / "export" / "config.json").read_text())
     assert config["pretrained"] == f"models:/{MODEL_NAME}@champion"
     assert config["finetune_task"] == "toponium"
+
+
+def test_killed_cli_leaves_no_job_processes(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, {"train": [100, 100]}, seed=5)
+    # The run folder name is unique to this test, so it finds exactly this job's processes.
+    run_dir = tmp_path / f"killed-parent-{os.getpid()}"
+    marker = f"train.run_dir={run_dir}"
+    log_path = tmp_path / "cli.log"
+    command = [sys.executable, "-m", "bumblebee_dist.cli", "pretrain", "--ranks", "2",
+               "--preset", "tiny", f"data.path={data}", "data.max_tokens=256", marker,
+               "tracking.enabled=false", "train.epochs=1000"]
+    with log_path.open("w") as log:
+        # A session of its own, so the cleanup below reaches every process of the job.
+        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        ranks_started = wait_until(
+            lambda: cli.poll() is not None or sum(
+                "--local_rank=" in line for line in job_processes(marker).values()) == 2,
+            timeout_s=180)
+        assert ranks_started, log_path.read_text()[-3000:]
+        assert cli.poll() is None, log_path.read_text()[-3000:]
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(timeout=10)
+        all_gone = wait_until(lambda: not job_processes(marker), timeout_s=15)
+        assert all_gone, f"left running: {job_processes(marker)}"
+    finally:
+        kill_leftovers(cli, marker)
