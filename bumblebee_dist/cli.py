@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None, *, exit_on_error: bool = False) -> int:
     if not exit_on_error:
         return _dispatch(argv)
     from bumblebee_dist.config import ConfigError
+    from bumblebee_dist.train.preflight import LaunchError
 
     try:
         return _dispatch(argv)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None, *, exit_on_error: bool = False) -> int:
         print("\ninterrupted; run the same command again to continue where it stopped",
               file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as error:
+    except (ConfigError, LaunchError, ValueError, KeyError, FileNotFoundError) as error:
         print(f"bumblebee: error: {error}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as error:
