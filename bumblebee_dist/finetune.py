@@ -179,10 +179,13 @@ def load_starting_model(config, dist):
     A ``models:/`` URI is downloaded by rank 0 into ``<run_dir>/pretrained`` and read by every
     rank from there (one node, or a run folder every node shares). The export's model config
     replaces ``config.model``, so a preset given on the command line cannot mismatch the weights.
+    The export's feature statistics, when it records them, become ``model.feature_stats``, and
+    fine-tuning standardizes its inputs with them.
     """
     from bumblebee_dist.model import BumblebeeEncoder
     from bumblebee_dist.tracking import fetch_pretrained, resolve_store
-    from bumblebee_dist.train.export import load_exported
+    from bumblebee_dist.features import FeatureStats
+    from bumblebee_dist.train.export import load_exported, read_export_config
     from bumblebee_dist.train.run import broadcast
 
     spec = config.finetune.pretrained
@@ -203,6 +206,10 @@ def load_starting_model(config, dist):
     if model.config != config.model and dist.is_main:
         LOG.info("model config taken from the pre-trained export %s: %s", value, model.config)
     config.model = model.config
+    recorded = read_export_config(value).get("feature_stats")
+    if recorded is not None:
+        # The pre-trained model learned on inputs standardized with these statistics.
+        model.feature_stats = FeatureStats.from_manifest(recorded)
     return model
 
 
@@ -219,4 +226,5 @@ def run_finetuning(config, resume: str = "auto"):
     model = load_starting_model(config, dist)
     metadata = {"finetune_task": config.finetune.task,
                 "pretrained": config.finetune.pretrained or None}
-    return run_job(config, task, model, dist, resume, metadata)
+    return run_job(config, task, model, dist, resume, metadata,
+                   feature_stats=getattr(model, "feature_stats", None))

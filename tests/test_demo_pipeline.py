@@ -45,6 +45,12 @@ def test_demo_chain_end_to_end(tmp_path, capsys):
     for name in (PRETRAINED_MODEL, FINETUNED_MODEL):
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
 
+    # Both exports record the statistics their inputs were standardized with.
+    stats = json.loads((tmp_path / "demo" / "data" / "manifest.json").read_text())["feature_stats"]
+    for step in ("pretrain", "finetune"):
+        export_config = json.loads((tmp_path / "demo" / step / "export" / "config.json").read_text())
+        assert export_config["feature_stats"] == stats, step
+
     # The registry comparison scores the same test events as the demo's evaluation.
     main(["models", "compare", "--tracking-uri", settings.tracking_uri, "--data",
           str(tmp_path / "demo" / "data"), "--out", str(tmp_path / "compare"),

@@ -32,6 +32,7 @@ from bumblebee_dist.data.block import EventBlock
 from bumblebee_dist.data.packing import PackedBatch, gather_events, pack_events
 from bumblebee_dist.data.plan import EMPTY_BATCH, EpochPlan, plan_epoch, worker_share
 from bumblebee_dist.data.store import EventStore, load_split
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.tokens import LEVEL_GEN
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,15 @@ class EventLoader:
     def __init__(self, data_path: str | Path, split: str, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, max_tokens: int = 4096, max_jets: int = 8,
                  mask_mode: str = "pretrain", drop_last: bool = True,
-                 skip_corrupt_shards: bool = False, num_workers: int = 0):
+                 skip_corrupt_shards: bool = False, num_workers: int = 0,
+                 feature_stats: FeatureStats | None = None):
         _check_arguments(rank, world_size, max_tokens, max_jets, mask_mode, num_workers)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.max_tokens, self.max_jets = max_tokens, max_jets
         self.mask_mode, self.drop_last, self.num_workers = mask_mode, drop_last, num_workers
         self.store: EventStore = load_split(data_path, split, max_jets=max_jets,
-                                            skip_corrupt_shards=skip_corrupt_shards)
+                                            skip_corrupt_shards=skip_corrupt_shards,
+                                            feature_stats=feature_stats)
         self._lengths = self.store.events.lengths()
         self.epoch, self.position = 0, 0
         self._plan: EpochPlan | None = None

@@ -90,15 +90,19 @@ class EventStore:
 
 
 def load_split(data_path: str | Path, split: str, *, max_jets: int,
-               skip_corrupt_shards: bool = False) -> EventStore:
+               skip_corrupt_shards: bool = False,
+               feature_stats: FeatureStats | None = None) -> EventStore:
     """Read every shard of ``split``, cap the jets and convert the features to model space.
+
+    Features are standardized with ``feature_stats`` when given (the statistics a model was
+    trained with), else with the manifest's.
 
     Shards are read in manifest order. Raises ValueError when the split has no events left to
     read, naming the manifest; corrupt shards raise or are skipped as in ``read_shards``.
     """
     manifest = read_manifest(data_path)
     entries = manifest.shards_of(split)
-    stats = FeatureStats.from_manifest(manifest.feature_stats)
+    stats = feature_stats or FeatureStats.from_manifest(manifest.feature_stats)
     parts, skipped, jets_dropped = [], [], 0
     for entry in entries:
         result = read_shards(manifest, [entry], skip_corrupt=skip_corrupt_shards)

@@ -18,7 +18,6 @@ from bumblebee_dist.evaluate.loading import PRETRAIN_TASK, classifier_task, load
 from bumblebee_dist.evaluate.metrics import auroc_with_uncertainty
 from bumblebee_dist.evaluate.plots import plot_roc_curves
 from bumblebee_dist.evaluate.run import evaluate_reconstruction, finetuned_scores
-from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.finetune import build_task
 
 LOG = logging.getLogger(__name__)
@@ -58,12 +57,12 @@ def compare_reconstruction(uris: list[str], data_path: Path, out_dir: Path, *,
     is created.
     """
     manifest = read_manifest(data_path / "manifest.json")
-    stats = FeatureStats.from_manifest(manifest.feature_stats)
     models = _load_all(uris, PRETRAIN_TASK, manifest, tracking_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for index, (uri, model) in enumerate(models.items()):
-        summary, _ = evaluate_reconstruction(model, data_path, stats, out_dir / f"model_{index}")
+        summary, _ = evaluate_reconstruction(model, data_path, model.feature_stats,
+                                             out_dir / f"model_{index}")
         results[uri] = summary
         LOG.info("%s: m(ttbar) bias %+.3f, resolution %.3f", uri,
                  summary["mttbar_relative"]["bias"], summary["mttbar_relative"]["resolution"])

@@ -6,9 +6,11 @@ Training writes the task into the export's ``config.json`` (``"task": "pretrain"
 classifier for ``--task X`` needs ``"finetune-X"`` and reconstruction needs ``"pretrain"``.
 Another task raises ``ModelTaskError``, and an export without a task record loads with a warning.
 
-A different data set is allowed, with one warning per model: features are scaled with the
-statistics of the evaluated data set, because the export does not store those the model was
-trained with.
+A different data set is allowed, with one warning per model. Features are standardized with
+the statistics the model was trained with, which the export records (``"feature_stats"``), so
+a model gets its inputs scaled as in training; an export without them falls back to the
+evaluated data set's, and the warning says so. The loaded model carries the statistics to use
+as its ``feature_stats`` attribute.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from bumblebee_dist.data.shards import Manifest
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.train.export import load_exported, read_export_config
 
 LOG = logging.getLogger(__name__)
@@ -74,16 +77,24 @@ def check_task(name: str, config: dict[str, Any], expected: str) -> None:
                          f"task {expected!r}; pass {fix}")
 
 
+def feature_stats_for(config: dict[str, Any], manifest: Manifest) -> FeatureStats:
+    """Return the statistics to standardize a model's inputs with: its own, else the manifest's."""
+    recorded = config.get("feature_stats")
+    return FeatureStats.from_manifest(recorded if recorded is not None else manifest.feature_stats)
+
+
 def check_data(name: str, config: dict[str, Any], manifest: Manifest) -> None:
     """Log a warning when model ``name`` was trained on a data set other than ``manifest``'s."""
     recorded = config.get("data_manifest_sha256")
     if recorded is None or recorded == manifest.sha256:
         return
-    LOG.warning(
-        "model %s was trained on the data set with manifest SHA-256 %s, but %s has SHA-256 %s. "
-        "Features are scaled with the feature statistics of this manifest, because the export "
-        "does not store the statistics the model was trained with", name, recorded,
-        manifest.path, manifest.sha256)
+    if config.get("feature_stats") is not None:
+        scaling = "Features are standardized with the statistics recorded in its export"
+    else:
+        scaling = ("Features are standardized with the statistics of this manifest, because the "
+                   "export does not record the ones the model was trained with")
+    LOG.warning("model %s was trained on the data set with manifest SHA-256 %s, but %s has "
+                "SHA-256 %s. %s", name, recorded, manifest.path, manifest.sha256, scaling)
 
 
 def load_for_study(spec: str | Path, expected_task: str, manifest: Manifest, *,
@@ -92,7 +103,8 @@ def load_for_study(spec: str | Path, expected_task: str, manifest: Manifest, *,
 
     ``spec`` is a ``models:/name/version`` or ``models:/name@alias`` URI of the registry at
     ``tracking_uri``, or an export as ``resolve_export`` accepts it. Returns the model in eval
-    mode; raises ModelTaskError before any weights are read when the task does not fit.
+    mode, with the statistics to standardize its inputs with as ``model.feature_stats``; raises
+    ModelTaskError before any weights are read when the task does not fit.
     """
     if str(spec).startswith(REGISTRY_PREFIX):
         from bumblebee_dist.tracking import ModelRegistry
@@ -108,4 +120,6 @@ def _load_checked(name: str, export: Path, expected_task: str, manifest: Manifes
     config = read_export_config(export)
     check_task(name, config, expected_task)
     check_data(name, config, manifest)
-    return load_exported(export, device=device).eval()
+    model = load_exported(export, device=device).eval()
+    model.feature_stats = feature_stats_for(config, manifest)
+    return model

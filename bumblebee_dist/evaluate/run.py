@@ -52,10 +52,14 @@ class TokenArrays:
 
 
 def collect_split(data_path: Path, split: str, *, mask_mode: str, model: torch.nn.Module | None = None,
-                  max_tokens: int = 8192, max_jets: int = 8) -> TokenArrays:
-    """Read every event of ``split`` once, optionally running ``model`` on each packed batch."""
+                  max_tokens: int = 8192, max_jets: int = 8,
+                  feature_stats: FeatureStats | None = None) -> TokenArrays:
+    """Read every event of ``split`` once, optionally running ``model`` on each packed batch.
+
+    Features are standardized with ``feature_stats``, else with the manifest's statistics.
+    """
     loader = EventLoader(data_path, split, mask_mode=mask_mode, drop_last=False,
-                         max_tokens=max_tokens, max_jets=max_jets)
+                         max_tokens=max_tokens, max_jets=max_jets, feature_stats=feature_stats)
     parts: dict[str, list[np.ndarray]] = {key: [] for key in
                                           ("features", "pdg_index", "level", "lengths", "sample",
                                            "process_code", "m_ttbar_true", "prediction")}
@@ -89,10 +93,15 @@ def collect_split(data_path: Path, split: str, *, mask_mode: str, model: torch.n
 
 def finetuned_scores(model: torch.nn.Module, data_path: Path, task_name: str, samples: list[dict],
                      *, max_tokens: int = 8192, max_jets: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Score every test event of the task with the fine-tuned model; return (labels, scores)."""
+    """Score every test event of the task with the fine-tuned model; return (labels, scores).
+
+    Inputs are standardized with ``model.feature_stats`` when the model has them (see
+    ``evaluate.loading``), else with the manifest's statistics.
+    """
     task = build_task(task_name, samples)
     loader = EventLoader(data_path, "test", mask_mode=task.mask_mode, drop_last=False,
-                         max_tokens=max_tokens, max_jets=max_jets)
+                         max_tokens=max_tokens, max_jets=max_jets,
+                         feature_stats=getattr(model, "feature_stats", None))
     labels, scores = [], []
     for batch in tqdm(loader, desc=f"score {task_name}", unit="batch", leave=False):
         if batch.num_events == 0:
@@ -133,8 +142,13 @@ def _task_labels(task, arrays: TokenArrays) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_reconstruction(model: torch.nn.Module, data_path: Path, stats: FeatureStats,
                             out_dir: Path, *, max_jets: int = 8) -> tuple[dict, dict]:
-    """Residuals of the pre-trained model with all gen particles masked; return (summary, raw)."""
-    arrays = collect_split(data_path, "test", mask_mode="gen", model=model, max_jets=max_jets)
+    """Residuals of the pre-trained model with all gen particles masked; return (summary, raw).
+
+    ``stats`` standardize the inputs and map the predictions back to physics: pass the ones
+    the model was trained with (``model.feature_stats`` of a model from ``evaluate.loading``).
+    """
+    arrays = collect_split(data_path, "test", mask_mode="gen", model=model, max_jets=max_jets,
+                           feature_stats=stats)
     predicted = stats.from_model(arrays.prediction, arrays.pdg_id)
     true = stats.from_model(arrays.features, arrays.pdg_id)
     residuals = reconstruction_residuals(predicted, true, arrays.pdg_id, arrays.level, arrays.offsets)
@@ -184,9 +198,9 @@ def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str
         name: result.to_dict() for name, result in results.items()}}}
 
     if pretrained_model is not None:
-        stats = FeatureStats.from_manifest(manifest.feature_stats)
         evaluation["reconstruction"], _ = evaluate_reconstruction(
-            pretrained_model, data_path, stats, out_dir, max_jets=max_jets)
+            pretrained_model, data_path, pretrained_model.feature_stats, out_dir,
+            max_jets=max_jets)
     (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     _log_to_mlflow(evaluation, out_dir, tracking_uri, task)
     return evaluation

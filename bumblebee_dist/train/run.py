@@ -28,6 +28,7 @@ import torch
 from bumblebee_dist.config import RunConfig
 from bumblebee_dist.data.loader import EventLoader
 from bumblebee_dist.data.shards import read_manifest
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.tracking import ModelRegistry, Tracker
 from bumblebee_dist.train import checkpoint as ckpt
 from bumblebee_dist.train.engine import DistInfo, build_engine, init_distributed
@@ -75,10 +76,11 @@ def broadcast(value: Any) -> Any:
     return holder[0]
 
 
-def build_loaders(config: RunConfig, task: Task, dist: DistInfo) -> tuple[EventLoader, EventLoader | None]:
+def build_loaders(config: RunConfig, task: Task, dist: DistInfo,
+                  feature_stats: FeatureStats) -> tuple[EventLoader, EventLoader | None]:
     """Training loader (drop_last) and, when the data set has a val split, the validation loader."""
     common = dict(rank=dist.rank, world_size=dist.world_size, seed=config.train.seed,
-                  mask_mode=task.mask_mode)
+                  mask_mode=task.mask_mode, feature_stats=feature_stats)
     train_loader = EventLoader.from_config(config.data, "train", drop_last=True, **common)
     manifest = read_manifest(config.data.path)
     if not manifest.shards_of("val"):
@@ -172,11 +174,13 @@ def _start_tracking(config: RunConfig, dist: DistInfo, state: TrainState, task: 
 
 
 def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInfo,
-            resume: str = "auto", metadata: dict[str, Any] | None = None) -> dict[str, Any] | None:
+            resume: str = "auto", metadata: dict[str, Any] | None = None,
+            feature_stats: FeatureStats | None = None) -> dict[str, Any] | None:
     """Train ``model`` on ``task`` as configured; return result.json's content on rank 0.
 
     ``resume``: "auto", "none" or a checkpoint path (see ``checkpoint.resolve_resume``).
-    ``metadata`` is added to the export's config.json.
+    ``metadata`` is added to the export's config.json. ``feature_stats`` standardize the inputs
+    (a pre-trained model's own); by default the data set manifest's. The export records them.
     """
     run_dir = Path(config.train.run_dir)
     lock, busy = None, ""
@@ -189,9 +193,15 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     busy = broadcast(busy)
     if busy:
         raise RunDirBusyError(busy)
-    settings = checkpoint_settings(config, task, sha256_file(read_manifest(config.data.path).path))
+    manifest = read_manifest(config.data.path)
+    settings = checkpoint_settings(config, task, sha256_file(manifest.path))
+    own_stats = FeatureStats.from_manifest(manifest.feature_stats)
+    feature_stats = feature_stats or own_stats
+    if dist.is_main and feature_stats != own_stats:
+        LOG.info("inputs are standardized with the starting model's feature statistics, not "
+                 "those of %s", manifest.path)
     engine = build_engine(model, config.train, dist)
-    train_loader, val_loader = build_loaders(config, task, dist)
+    train_loader, val_loader = build_loaders(config, task, dist, feature_stats)
     resume_path = broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
     state = resume_state(engine.engine, train_loader, resume_path, settings)
     if dist.is_main:  # after the resume checks, so a rejected resume leaves the file as it was
@@ -208,7 +218,8 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
         trainer.train()
         trainer.run_validation()
         final_checkpoint = trainer.save_checkpoint(trainer)
-        result = _finish(config, trainer, tracker, final_checkpoint, metadata or {})
+        result = _finish(config, trainer, tracker, final_checkpoint,
+                         {"feature_stats": feature_stats.to_manifest(), **(metadata or {})})
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -220,6 +231,8 @@ def _finish(config: RunConfig, trainer: Trainer, tracker: Tracker, final_checkpo
     """Export on every rank; on rank 0 log the model, register it and write result.json."""
     export_dir = Path(config.train.run_dir) / EXPORT_DIR
     manifest_sha = sha256_file(Path(read_manifest(config.data.path).path))
+    # metadata carries "feature_stats", the statistics the inputs were standardized with: they
+    # belong to the model, so evaluation on another data set scales its features the same way.
     export_meta = {"task": trainer.task.name, "step": trainer.state.step,
                    "model_preset": config.model_preset, "data_manifest_sha256": manifest_sha,
                    "mlflow_run_id": trainer.state.mlflow_run_id, **metadata}

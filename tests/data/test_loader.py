@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -16,6 +17,7 @@ from bumblebee_dist.data.packing import EventTooLongError
 from bumblebee_dist.data.shards import ShardError
 from bumblebee_dist.data.store import cap_jets, reco_jet_tokens
 from bumblebee_dist.data.synthetic import synthetic_block
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.tokens import LEVEL_GEN, LEVEL_RECO, PDG_B, PDG_JET, PDG_VOCABULARY, PT
 
 
@@ -240,3 +242,21 @@ def test_invalid_arguments_named(make_dataset):
         EventLoader(root, "train", rank=2, world_size=2)
     with pytest.raises(ValueError, match="mask_mode='all'"):
         EventLoader(root, "train", mask_mode="all")
+
+
+def test_feature_stats_override_standardization(make_dataset):
+    # A model trained on another data set brings its own statistics: the loader must scale
+    # this data set's features with them, not with the manifest's.
+    root = make_dataset({"train": [40]})
+    own = EventLoader(root, "train", drop_last=False, mask_mode="none")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest_stats = FeatureStats.from_manifest(manifest["feature_stats"])
+    other_stats = dataclasses.replace(manifest_stats, log_pt_mean=manifest_stats.log_pt_mean + 0.5,
+                                      log_pt_std=2 * manifest_stats.log_pt_std)
+    other = EventLoader(root, "train", drop_last=False, mask_mode="none", feature_stats=other_stats)
+    default_pt = own.store.events.features[:, PT]
+    other_pt = other.store.events.features[:, PT]
+    log_pt = default_pt * manifest_stats.log_pt_std + manifest_stats.log_pt_mean
+    expected = (log_pt - other_stats.log_pt_mean) / other_stats.log_pt_std
+    np.testing.assert_allclose(other_pt, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(other_pt, default_pt)

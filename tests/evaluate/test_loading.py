@@ -12,6 +12,7 @@ from bumblebee_dist.data.synthetic import write_dataset
 from bumblebee_dist.evaluate.compare import compare_classifiers, compare_reconstruction
 from bumblebee_dist.evaluate.loading import ModelTaskError, load_for_study
 from bumblebee_dist.evaluate.run import run_evaluation
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.model import BumblebeeEncoder
 from bumblebee_dist.tracking import ModelRegistry, Tracker
 from bumblebee_dist.train.export import write_export
@@ -81,6 +82,24 @@ def test_other_data_set_warns_once(tmp_path, manifest_path, caplog):
     assert manifest.sha256 in caplog.text
     assert str(manifest_path) in caplog.text
     assert "statistics" in caplog.text
+
+
+def test_recorded_feature_stats_used(tmp_path, manifest_path, caplog):
+    manifest = read_manifest(manifest_path)
+    trained = {name: {"mean": entry["mean"] + 1.0, "std": 2 * entry["std"]}
+               for name, entry in manifest.feature_stats.items()}
+    export = tiny_export(tmp_path / "export", task="pretrain", data_manifest_sha256="0" * 64,
+                         feature_stats=trained)
+    with caplog.at_level(logging.WARNING):
+        model = load_for_study(export, "pretrain", manifest)
+    assert model.feature_stats == FeatureStats.from_manifest(trained)
+    assert "statistics recorded in its export" in caplog.text
+
+
+def test_manifest_feature_stats_without_record(tmp_path, manifest_path):
+    manifest = read_manifest(manifest_path)
+    model = load_for_study(tiny_export(tmp_path / "export", task="pretrain"), "pretrain", manifest)
+    assert model.feature_stats == FeatureStats.from_manifest(manifest.feature_stats)
 
 
 def test_manifest_sha256_is_file_digest(manifest_path):

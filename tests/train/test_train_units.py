@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bumblebee_dist.config import TrainConfig, model_preset
+from bumblebee_dist.config import RunConfig, TrainConfig, model_preset
 from bumblebee_dist.data.packing import PackedBatch
+from bumblebee_dist.features import FeatureStats
 from bumblebee_dist.finetune import (CLASS_TOKEN_INDEX, TASKS, append_class_tokens, build_task,
-                                     class_token_positions, select_events)
+                                     class_token_positions, load_starting_model, select_events)
 from bumblebee_dist.model import BumblebeeEncoder
 from bumblebee_dist.tokens import LEVEL_GEN, LEVEL_RECO
 from bumblebee_dist.train import checkpoint as ckpt
-from bumblebee_dist.train.engine import StepGate, deepspeed_config, lr_at
+from bumblebee_dist.train.engine import DistInfo, StepGate, deepspeed_config, lr_at
 from bumblebee_dist.train.export import (ExportError, check_state_dict, expected_shapes,
                                          load_exported, write_export)
 from bumblebee_dist.train.run import RunDirBusyError, lock_run_dir
@@ -344,3 +345,18 @@ def test_loader_workers_leave_global_rng_alone(tmp_path):
     batches = iter(loader)
     next(batches)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_finetuning_takes_pretrained_feature_stats(tmp_path):
+    # Fine-tuning scales its inputs as the pre-trained model was trained, whatever data it reads.
+    stats = {name: {"mean": 0.5 + index, "std": 2.0 + index}
+             for index, name in enumerate(("log_pt", "eta", "m"))}
+    config = model_preset("tiny")
+    export = write_export(BumblebeeEncoder(config, init_seed=0).state_dict(), config,
+                          tmp_path / "export", {"task": "pretrain", "feature_stats": stats})
+    run = RunConfig(model=model_preset("tiny"))
+    run.finetune.pretrained = str(export)
+    run.train.run_dir = str(tmp_path / "run")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo")
+    model = load_starting_model(run, dist)
+    assert model.feature_stats == FeatureStats.from_manifest(stats)
