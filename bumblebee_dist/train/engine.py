@@ -104,11 +104,11 @@ def release_shm_buffer() -> None:
     rank unlinks its own. The mappings stay valid until the process exits, and a killed job
     leaves nothing behind.
     """
-    path = shm_buffer_path(torch.distributed.get_rank())
-    if not path.exists():
-        return
+    # Every rank joins the barrier, whether or not it has a buffer: a rank whose shared-memory
+    # op did not load has none, and skipping the barrier there would pair it with another
+    # collective on the other ranks.
     torch.distributed.barrier()
-    path.unlink(missing_ok=True)
+    shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
 def _free_port() -> int:
