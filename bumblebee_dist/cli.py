@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None, *, exit_on_error: bool = False) -> int:
     if not exit_on_error:
         return _dispatch(argv)
     from bumblebee_dist.config import ConfigError
+    from bumblebee_dist.tracking import TrackingError
     from bumblebee_dist.train.preflight import LaunchError
 
     try:
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None, *, exit_on_error: bool = False) -> int:
         print("\ninterrupted; run the same command again to continue where it stopped",
               file=sys.stderr)
         return 130
-    except (ConfigError, LaunchError, ValueError, KeyError, FileNotFoundError) as error:
+    except (ConfigError, LaunchError, TrackingError, ValueError, KeyError, FileNotFoundError,
+            FileExistsError, NotADirectoryError) as error:
         print(f"bumblebee: error: {error}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as error:

@@ -183,7 +183,7 @@ def load_starting_model(config, dist):
     fine-tuning standardizes its inputs with them.
     """
     from bumblebee_dist.model import BumblebeeEncoder
-    from bumblebee_dist.tracking import fetch_pretrained, resolve_store
+    from bumblebee_dist.tracking import ModelRegistry, fetch_pretrained, resolve_store
     from bumblebee_dist.features import FeatureStats
     from bumblebee_dist.train.export import load_exported, read_export_config
     from bumblebee_dist.train.run import broadcast
@@ -195,21 +195,38 @@ def load_starting_model(config, dist):
     if dist.is_main:
         try:
             tracking_uri, _ = resolve_store(config.tracking, config.train.run_dir)
-            outcome = ("ok", str(fetch_pretrained(spec, tracking_uri,
-                                                  Path(config.train.run_dir) / "pretrained")))
+            folder = fetch_pretrained(spec, tracking_uri, Path(config.train.run_dir) / "pretrained")
+            resolved = spec
+            if spec.startswith("models:/"):  # an alias can move later: keep the version it meant
+                name = spec.removeprefix("models:/").split("@")[0].split("/")[0]
+                resolved = f"models:/{name}/{ModelRegistry(tracking_uri).version_source(spec)[0]}"
+            outcome = ("ok", (str(folder), resolved))
         except Exception as error:  # sent to every rank so that all of them stop together
             outcome = ("error", f"{type(error).__name__}: {error}")
     status, value = broadcast(outcome)
     if status == "error":
         raise RuntimeError(f"finetune.pretrained={spec!r} could not be fetched: {value}")
+    value, resolved = value
     model = load_exported(value)
+    model.pretrained_version = resolved
     if model.config != config.model and dist.is_main:
         LOG.info("model config taken from the pre-trained export %s: %s", value, model.config)
     config.model = model.config
-    recorded = read_export_config(value).get("feature_stats")
+    export_config = read_export_config(value)
+    if dist.is_main:
+        LOG.info("fine-tuning starts from %s (%s)", resolved, value)
+        if export_config.get("task") not in (None, "pretrain"):
+            LOG.warning("finetune.pretrained=%s records training task %r, not 'pretrain': "
+                        "fine-tuning starts from a model already fine-tuned", spec,
+                        export_config["task"])
+    recorded = export_config.get("feature_stats")
     if recorded is not None:
         # The pre-trained model learned on inputs standardized with these statistics.
         model.feature_stats = FeatureStats.from_manifest(recorded)
+    elif dist.is_main:
+        LOG.warning("finetune.pretrained=%s records no feature statistics: inputs are "
+                    "standardized with the statistics of %s, which may differ from those it "
+                    "was trained with", spec, config.data.path)
     return model
 
 
@@ -225,6 +242,7 @@ def run_finetuning(config, resume: str = "auto"):
     task = build_task(config.finetune.task, read_manifest(config.data.path).samples)
     model = load_starting_model(config, dist)
     metadata = {"finetune_task": config.finetune.task,
-                "pretrained": config.finetune.pretrained or None}
+                "pretrained": config.finetune.pretrained or None,
+                "pretrained_version": getattr(model, "pretrained_version", None)}
     return run_job(config, task, model, dist, resume, metadata,
                    feature_stats=getattr(model, "feature_stats", None))

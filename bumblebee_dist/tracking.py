@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,10 @@ class TrackingError(RuntimeError):
 
 def _mlflow():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow retries an HTTP request 7 times with growing waits by default, inside each of this
+    # module's own attempts, so an unreachable server blocked a command for over 10 minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
     return mlflow
@@ -136,11 +141,27 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError when an HTTP tracking server does not accept a connection."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise TrackingError(f"cannot reach the MLflow tracking server {tracking_uri}: {error}. "
+                            "Start the server, or pass another tracking URI") from error
+
+
 def make_client(tracking_uri: str, attempts: int = 6):
     """Return an ``MlflowClient`` whose store exists (created under ``store_lock`` if new)."""
     mlflow = _mlflow()
 
     def connect():
+        check_reachable(tracking_uri)
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.search_experiments(max_results=1)  # forces schema creation
         return client

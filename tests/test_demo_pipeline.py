@@ -50,6 +50,9 @@ def test_demo_chain_end_to_end(tmp_path, capsys):
     for step in ("pretrain", "finetune"):
         export_config = json.loads((tmp_path / "demo" / step / "export" / "config.json").read_text())
         assert export_config["feature_stats"] == stats, step
+    # Fine-tuning names the version its models:/...@champion start pointed at when it ran.
+    finetune_config = json.loads((tmp_path / "demo" / "finetune" / "export" / "config.json").read_text())
+    assert finetune_config["pretrained_version"] == f"models:/{PRETRAINED_MODEL}/1"
 
     # The registry comparison scores the same test events as the demo's evaluation.
     main(["models", "compare", "--tracking-uri", settings.tracking_uri, "--data",

@@ -1,6 +1,7 @@
 """MLflow tracking and registry against temporary SQLite stores."""
 
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,8 @@ import torch
 
 from bumblebee_dist.config import TrackingConfig, model_preset
 from bumblebee_dist.model import BumblebeeEncoder
-from bumblebee_dist.tracking import (ModelRegistry, Tracker, TrackingError, make_client,
-                                     parse_model_uri, resolve_store, server_command)
+from bumblebee_dist.tracking import (ModelRegistry, Tracker, TrackingError, check_reachable,
+                                     make_client, parse_model_uri, resolve_store, server_command)
 from bumblebee_dist.train.export import write_export
 
 
@@ -181,3 +182,15 @@ def test_concurrent_jobs_fresh_store(tmp_path):
         history = client.get_metric_history(run.info.run_id, "loss/train")
         assert sorted(point.step for point in history) == list(range(100)), run.info.run_name
         assert run.info.status == "FINISHED"
+
+
+def test_unreachable_server_named_at_once():
+    with socket.socket() as listener:  # a port that accepts, then one that refuses
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        check_reachable(f"http://127.0.0.1:{port}")
+    expected = f"cannot reach the MLflow tracking server http://127.0.0.1:{port}"
+    with pytest.raises(TrackingError, match=expected):
+        check_reachable(f"http://127.0.0.1:{port}", timeout=2.0)
+    check_reachable("sqlite:///not/checked.db")

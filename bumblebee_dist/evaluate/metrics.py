@@ -91,15 +91,24 @@ def resolution(residual: np.ndarray) -> Resolution:
     return Resolution(float(median), float(0.5 * (high - low)), int(residual.size))
 
 
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
 def binned_resolution(residual: np.ndarray, binning_values: np.ndarray,
                       edges: np.ndarray) -> list[dict]:
-    """Bias and resolution of ``residual`` in bins of ``binning_values`` given by ``edges``."""
+    """Bias and resolution of ``residual`` in bins of ``binning_values`` given by ``edges``.
+
+    An infinite edge (an open last or first bin) is written as None, so the rows stay valid
+    JSON: strict parsers reject ``Infinity``.
+    """
     residual = np.asarray(residual, dtype=np.float64)
     binning_values = np.asarray(binning_values, dtype=np.float64)
     rows = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (binning_values >= low) & (binning_values < high)
-        rows.append({"low": float(low), "high": float(high), **resolution(residual[inside]).to_dict()})
+        rows.append({"low": _finite_or_none(low), "high": _finite_or_none(high),
+                     **resolution(residual[inside]).to_dict()})
     return rows
 
 

@@ -169,6 +169,10 @@ def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str
     loaded, so invalid inputs leave no folder behind.
     """
     data_path, out_dir = Path(data_path), Path(out_dir)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed} is invalid: it must be from 0 to {2**32 - 1}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file; pass a folder for the evaluation output")
     manifest = read_manifest(data_path / "manifest.json")
     samples = [dict(sample) for sample in manifest.samples]
     build_task(task, samples)  # raises for an unknown task or a sample missing from the data set
@@ -188,12 +192,12 @@ def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str
         "bumblebee (fine-tuned)": auroc_with_uncertainty(labels, scores, seed=seed),
         "MLP on reco features": auroc_with_uncertainty(mlp_labels, mlp_probability, seed=seed),
     }
+    written = [out_dir / f"roc_{task}.png", out_dir / f"scores_{task}.png"]
     plot_roc_curves({"bumblebee (fine-tuned)": (labels, scores, results["bumblebee (fine-tuned)"].auroc),
                      "MLP on reco features": (mlp_labels, mlp_probability,
                                               results["MLP on reco features"].auroc)},
-                    out_dir / f"roc_{task}.png", f"{task}: test split")
-    plot_score_distributions(labels, scores, out_dir / f"scores_{task}.png",
-                             f"{task}: fine-tuned class-token score")
+                    written[0], f"{task}: test split")
+    plot_score_distributions(labels, scores, written[1], f"{task}: fine-tuned class-token score")
     evaluation = {"classification": {"task": task, "models": {
         name: result.to_dict() for name, result in results.items()}}}
 
@@ -201,17 +205,26 @@ def run_evaluation(data_path: str | Path, finetuned: str | Path, pretrained: str
         evaluation["reconstruction"], _ = evaluate_reconstruction(
             pretrained_model, data_path, pretrained_model.feature_stats, out_dir,
             max_jets=max_jets)
-    (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-    _log_to_mlflow(evaluation, out_dir, tracking_uri, task)
+        written.append(out_dir / "reconstruction_residuals.png")
+    written.append(out_dir / "evaluation.json")
+    written[-1].write_text(json.dumps(evaluation, indent=2) + "\n")
+    params = {"task": task, "finetuned": str(finetuned), "pretrained": str(pretrained or ""),
+              "data": str(data_path.resolve()), "data_manifest_sha256": manifest.sha256,
+              "seed": seed, "max_jets": max_jets}
+    _log_to_mlflow(evaluation, written, params, tracking_uri, task)
     return evaluation
 
 
-def _log_to_mlflow(evaluation: dict, out_dir: Path, tracking_uri: str, task: str) -> None:
+def _log_to_mlflow(evaluation: dict, written: list[Path], params: dict, tracking_uri: str,
+                   task: str) -> None:
+    """Log the metrics, the inputs as parameters, and the files this evaluation wrote."""
     from bumblebee_dist.config import TrackingConfig
     from bumblebee_dist.tracking import Tracker
 
-    tracker = Tracker(TrackingConfig(uri=tracking_uri, run_name=f"evaluate-{task}"), out_dir, active=True)
+    tracker = Tracker(TrackingConfig(uri=tracking_uri, run_name=f"evaluate-{task}"),
+                      written[-1].parent, active=True)
     tracker.start()
+    tracker.log_params(params)
     metrics = {}
     for name, result in evaluation["classification"]["models"].items():
         key = "mlp" if name.startswith("MLP") else "bumblebee"
@@ -222,6 +235,6 @@ def _log_to_mlflow(evaluation: dict, out_dir: Path, tracking_uri: str, task: str
             metrics[f"reconstruction/{name}/resolution"] = value["resolution"]
             metrics[f"reconstruction/{name}/bias"] = value["bias"]
     tracker.log_metrics(metrics, step=0)
-    for path in sorted(out_dir.glob("*.png")) + [out_dir / "evaluation.json"]:
+    for path in written:  # only this run's files, not older ones left in the folder
         tracker.log_artifact(path)
     tracker.finish()

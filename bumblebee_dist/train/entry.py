@@ -13,12 +13,13 @@ from bumblebee_dist.data.packing import EventTooLongError
 from bumblebee_dist.data.shards import ManifestError, ShardError
 from bumblebee_dist.train.checkpoint import CheckpointError
 from bumblebee_dist.train.preflight import LaunchError, check_launch_world_size
-from bumblebee_dist.train.run import RunDirBusyError
+from bumblebee_dist.train.run import NothingTrainedError, RunDirBusyError
 
 # Errors in the user's config, data or run folder rather than bugs: a job stopped by one prints
 # its message on one line per rank and exits with status 2, without a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, ManifestError, ShardError, BlockFormatError,
-               EventTooLongError, LaunchError, RunDirBusyError, FileNotFoundError)
+               EventTooLongError, LaunchError, RunDirBusyError, NothingTrainedError,
+               FileNotFoundError)
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:

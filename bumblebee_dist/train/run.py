@@ -114,6 +114,21 @@ def checkpoint_settings(config: RunConfig, task: Task, manifest_sha: str) -> dic
             "data_manifest_sha256": manifest_sha}
 
 
+class NothingTrainedError(RuntimeError):
+    """Every optimizer step of a job was skipped: there is no trained model to export."""
+
+
+def check_trained(state: TrainState, task: Task, data_path: str) -> None:
+    """Raise NothingTrainedError when no optimizer step of the run updated the model."""
+    if state.step > state.skipped_steps:
+        return
+    raise NothingTrainedError(
+        f"none of the {state.step} optimizer steps updated the model ({state.skipped_steps} "
+        f"skipped, {state.events_seen} events seen), so nothing is exported or registered. "
+        f"Check that the train split of {data_path} has events for task {task.name!r}; the log "
+        "names the reason of each skip")
+
+
 class RunDirBusyError(RuntimeError):
     """Another job has the run folder locked; the message names the folder and the lock holder."""
 
@@ -216,6 +231,7 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
              trainer.total_steps, run_dir / CONFIG_NAME)
     try:
         trainer.train()
+        check_trained(trainer.state, task, config.data.path)
         trainer.run_validation()
         final_checkpoint = trainer.save_checkpoint(trainer)
         result = _finish(config, trainer, tracker, final_checkpoint,

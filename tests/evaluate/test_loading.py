@@ -162,3 +162,16 @@ def test_evaluate_invalid_inputs_leave_no_folder(tmp_path, manifest_path):
     with pytest.raises(FileNotFoundError):
         run_evaluation(manifest_path.parent, result, None, out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seed, out_is_file, expected", [
+    (-1, False, "--seed -1 is invalid"),
+    (0, True, "is a file"),
+])
+def test_evaluate_bad_seed_or_out_rejected_first(tmp_path, manifest_path, seed, out_is_file, expected):
+    out = tmp_path / "out"
+    if out_is_file:
+        out.write_text("")
+    classifier = tiny_export(tmp_path / "export", task="finetune-toponium")
+    with pytest.raises((ValueError, FileExistsError), match=expected):
+        run_evaluation(manifest_path.parent, classifier, None, out, seed=seed)

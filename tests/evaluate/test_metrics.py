@@ -1,5 +1,7 @@
 """Metrics: AUROC with bootstrap uncertainty, resolution conventions."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,11 @@ def test_wrap_phi_range():
     assert np.all(wrapped < np.pi)
     assert wrapped[0] == pytest.approx(-0.5 * np.pi)
     assert wrapped[3] == pytest.approx(0.1)
+
+
+def test_open_bin_edge_written_as_null():
+    rows = binned_resolution(np.array([0.1, 0.2]), np.array([10.0, 2000.0]),
+                             np.array([0.0, 1000.0, np.inf]))
+    assert rows[-1]["high"] is None
+    assert rows[-1]["low"] == 1000.0
+    json.loads(json.dumps(rows, allow_nan=False))  # strict JSON: no Infinity

@@ -19,7 +19,9 @@ from bumblebee_dist.train import checkpoint as ckpt
 from bumblebee_dist.train.engine import DistInfo, StepGate, deepspeed_config, lr_at
 from bumblebee_dist.train.export import (ExportError, check_state_dict, expected_shapes,
                                          load_exported, write_export)
-from bumblebee_dist.train.run import RunDirBusyError, lock_run_dir
+from bumblebee_dist.train.loop import PretrainTask, TrainState
+from bumblebee_dist.train.run import (NothingTrainedError, RunDirBusyError, check_trained,
+                                      lock_run_dir)
 
 SAMPLES = [{"name": "ttbar", "id": 0}, {"name": "eta_t", "id": 1}]
 
@@ -360,3 +362,15 @@ def test_finetuning_takes_pretrained_feature_stats(tmp_path):
     dist = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo")
     model = load_starting_model(run, dist)
     assert model.feature_stats == FeatureStats.from_manifest(stats)
+    assert model.pretrained_version == str(export)
+
+
+def test_run_without_update_rejected():
+    task = PretrainTask()
+    with pytest.raises(NothingTrainedError) as error:
+        check_trained(TrainState(step=10, skipped_steps=10), task, "data/x")
+    assert "none of the 10 optimizer steps updated the model" in str(error.value)
+    assert "data/x" in str(error.value)
+    with pytest.raises(NothingTrainedError):
+        check_trained(TrainState(step=0), task, "data/x")
+    check_trained(TrainState(step=10, skipped_steps=9), task, "data/x")
