@@ -52,6 +52,21 @@ def run_entry_point(description: str, job: Callable[..., Any], argv: list[str] |
     try:
         config, resume = job_config(description, argv)
         job(config, resume=resume)
+        close_process_group()
     except USER_ERRORS as error:
         print(f"[rank {os.environ.get('RANK', '0')}] error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def close_process_group() -> None:
+    """Destroy the process group once every rank is done, before the interpreter exits.
+
+    Left to the interpreter's exit, the group's teardown sometimes aborted a rank with
+    "terminate called without an active exception" (exit -6) after a job that had finished and
+    written its result, and the launcher then reported the whole job as failed.
+    """
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -31,6 +31,7 @@ from bumblebee_dist.config import RunConfig, TrainConfig, model_preset
 from bumblebee_dist.data.loader import EventLoader
 from bumblebee_dist.model import BumblebeeEncoder
 from bumblebee_dist.train import checkpoint as ckpt
+from bumblebee_dist.train import entry
 from bumblebee_dist.train.engine import DistInfo, build_engine, init_distributed
 from bumblebee_dist.train.export import (expected_shapes, export_model, gather_fp32_state_dict,
                                          load_exported)
@@ -51,6 +52,8 @@ def run_entry_point(data_dir: Path, out_dir: Path, expected_world_size: str) -> 
                 "train.checkpoint_every=2", "train.val_every=2", "train.zero_stage=3",
                 "train.zero3_param_persistence_threshold=0", "train.log_every=1",
                 "tracking.enabled=false"]
+    # The entry point destroys the process group at its end; this harness keeps using it.
+    entry.close_process_group = lambda: None
     runpy.run_path(str(REPO_ROOT / "launch" / "pretrain.py"), run_name="__main__")
 
 
