@@ -96,15 +96,23 @@ def _add_models(subparsers) -> None:
                             help=f"MLflow tracking URI (default: the demo's, {DEMO_TRACKING_URI})")
 
 
-def _run_models(args) -> None:
-    from bumblebee_dist.tracking import ModelRegistry, make_client
-
-    if args.tracking_uri.startswith("sqlite:///"):
-        store = Path(args.tracking_uri[len("sqlite:///"):])
+def _require_store(tracking_uri: str) -> None:
+    """Raise when ``tracking_uri`` names no store, rather than let MLflow create an empty one."""
+    if not tracking_uri:
+        raise ValueError(f"a models:/ URI needs --tracking-uri naming the MLflow store that holds "
+                         f"the model (the demo's is {DEMO_TRACKING_URI})")
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri[len("sqlite:///"):])
         if not store.is_file():
             raise FileNotFoundError(
                 f"no MLflow store at {store.resolve()}; run the demo first, run this command "
                 f"from the project folder, or pass --tracking-uri")
+
+
+def _run_models(args) -> None:
+    from bumblebee_dist.tracking import ModelRegistry, make_client
+
+    _require_store(args.tracking_uri)
     if args.action == "alias":
         ModelRegistry(args.tracking_uri).set_alias(args.name, args.alias, args.version)
         print(f"{args.name}@{args.alias} -> version {args.version}")
@@ -200,6 +208,8 @@ def _dispatch(argv: list[str]) -> int:
     else:
         from bumblebee_dist.evaluate.run import run_evaluation
 
+        if any(str(spec or "").startswith("models:/") for spec in (args.finetuned, args.pretrained)):
+            _require_store(args.tracking_uri)
         run_evaluation(Path(args.data), args.finetuned, args.pretrained, Path(args.out),
                        task=args.task, tracking_uri=args.tracking_uri, seed=args.seed)
     return 0

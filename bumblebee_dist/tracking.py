@@ -437,8 +437,16 @@ class ModelRegistry:
         """Return (version, artifact source) of ``models:/name@alias`` or ``models:/name/version``."""
         name, alias, version = parse_model_uri(uri)
         if alias is not None:
-            found = self._call(f"resolve {uri}",
-                               lambda: self.client.get_model_version_by_alias(name, alias))
+            try:
+                found = self._call(f"resolve {uri}",
+                                   lambda: self.client.get_model_version_by_alias(name, alias))
+            except Exception as error:
+                # MLflow 3.17 reports a missing alias as INVALID_PARAMETER_VALUE.
+                if "alias" not in str(error) or "not found" not in str(error):
+                    raise
+                known = ", ".join(f"@{a} -> {v}" for a, v in sorted(self.aliases(name).items()))
+                raise TrackingError(f"{uri}: model {name!r} has no alias {alias!r} in "
+                                    f"{self.tracking_uri}; its aliases: {known or 'none'}") from error
         else:
             found = self._call(f"resolve {uri}", lambda: self.client.get_model_version(name, version))
         return str(found.version), found.source

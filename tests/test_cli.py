@@ -78,3 +78,16 @@ def test_config_rejects_bad_numbers(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("tracking, expected", [
+    ([], "needs --tracking-uri"),
+    (["--tracking-uri", "sqlite:///missing/mlflow.db"], "no MLflow store"),
+])
+def test_evaluate_registry_uri_without_store(tmp_path, monkeypatch, capsys, tracking, expected):
+    monkeypatch.chdir(tmp_path)
+    status = main(["evaluate", "--data", "data", "--finetuned", "models:/encoder/1", "--out",
+                   "out", *tracking], exit_on_error=True)
+    assert status == 2
+    assert expected in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no empty store or output folder created

@@ -88,6 +88,10 @@ def test_registry_aliases_and_forced_delete(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert not torch.equal(loaded.state_dict()["head.proj.weight"],
                            model_one.state_dict()["head.proj.weight"])
+    expected = "models:/encoder@best: model 'encoder' has no alias 'best'"
+    with pytest.raises(TrackingError, match=expected) as error:
+        registry.version_source("models:/encoder@best")
+    assert "@champion -> 2" in str(error.value)
 
 
 def test_auto_alias_second_version_is_challenger(tmp_path):
