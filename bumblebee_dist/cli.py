@@ -99,8 +99,9 @@ def _add_models(subparsers) -> None:
 def _require_store(tracking_uri: str) -> None:
     """Raise when ``tracking_uri`` names no store, rather than let MLflow create an empty one."""
     if not tracking_uri:
-        raise ValueError(f"a models:/ URI needs --tracking-uri naming the MLflow store that holds "
-                         f"the model (the demo's is {DEMO_TRACKING_URI})")
+        raise ValueError(f"--tracking-uri is missing: a models:/ URI is looked up in an MLflow "
+                         f"store, so pass the one that contains the model (the demo's is "
+                         f"{DEMO_TRACKING_URI})")
     if tracking_uri.startswith("sqlite:///"):
         store = Path(tracking_uri[len("sqlite:///"):])
         if not store.is_file():

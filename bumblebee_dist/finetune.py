@@ -183,7 +183,8 @@ def load_starting_model(config, dist):
     fine-tuning standardizes its inputs with them.
     """
     from bumblebee_dist.model import BumblebeeEncoder
-    from bumblebee_dist.tracking import ModelRegistry, fetch_pretrained, resolve_store
+    from bumblebee_dist.tracking import (ModelRegistry, fetch_pretrained, parse_model_uri,
+                                         resolve_store)
     from bumblebee_dist.features import FeatureStats
     from bumblebee_dist.train.export import load_exported, read_export_config
     from bumblebee_dist.train.run import broadcast
@@ -195,11 +196,12 @@ def load_starting_model(config, dist):
     if dist.is_main:
         try:
             tracking_uri, _ = resolve_store(config.tracking, config.train.run_dir)
-            folder = fetch_pretrained(spec, tracking_uri, Path(config.train.run_dir) / "pretrained")
             resolved = spec
-            if spec.startswith("models:/"):  # an alias can move later: keep the version it meant
-                name = spec.removeprefix("models:/").split("@")[0].split("/")[0]
+            if spec.startswith("models:/"):  # an alias can move later: fetch and record its version
+                name, _, _ = parse_model_uri(spec)
                 resolved = f"models:/{name}/{ModelRegistry(tracking_uri).version_source(spec)[0]}"
+            folder = fetch_pretrained(resolved, tracking_uri,
+                                      Path(config.train.run_dir) / "pretrained")
             outcome = ("ok", (str(folder), resolved))
         except Exception as error:  # sent to every rank so that all of them stop together
             outcome = ("error", f"{type(error).__name__}: {error}")

@@ -81,7 +81,7 @@ def test_config_rejects_bad_numbers(override, message):
 
 
 @pytest.mark.parametrize("tracking, expected", [
-    ([], "needs --tracking-uri"),
+    ([], "--tracking-uri is missing"),
     (["--tracking-uri", "sqlite:///missing/mlflow.db"], "no MLflow store"),
 ])
 def test_evaluate_registry_uri_without_store(tmp_path, monkeypatch, capsys, tracking, expected):

@@ -8,8 +8,8 @@ Another task raises ``ModelTaskError``, and an export without a task record load
 
 A different data set is allowed, with one warning per model. Features are standardized with
 the statistics the model was trained with, which the export records (``"feature_stats"``), so
-a model gets its inputs scaled as in training; an export without them falls back to the
-evaluated data set's, and the warning says so. The loaded model carries the statistics to use
+a model gets its inputs scaled as in training. An export without them falls back to the
+evaluated data set's statistics, and the warning states it. The loaded model carries the statistics to use
 as its ``feature_stats`` attribute.
 """
 

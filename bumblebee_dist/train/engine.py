@@ -241,7 +241,9 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, dist: DistInfo) -> 
     # zero gradients. AdamW would count that step as its first update, which shifts the bias
     # correction of every later update and applies weight decay once. The closed gate makes it a
     # no-op, so AdamW creates its states at the first real step.
-    initial = {id(p): p.detach().clone() for p in model.parameters()} if precision == "bf16" else {}
+    # Only bf16 without ZeRO needs the fp32 start values (see link_master_weights).
+    keep_initial = precision == "bf16" and train.zero_stage == 0
+    initial = {id(p): p.detach().clone() for p in model.parameters()} if keep_initial else {}
     gate.closed = True
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,

@@ -177,9 +177,9 @@ def resume_state(engine, train_loader: EventLoader, path: Path | None,
     return state
 
 
-def _start_tracking(config: RunConfig, dist: DistInfo, state: TrainState, task: Task) -> Tracker:
+def _start_tracking(config: RunConfig, dist: DistInfo, state: TrainState, task: Task,
+                    manifest_sha: str) -> Tracker:
     tracker = Tracker(config.tracking, config.train.run_dir, active=dist.is_main)
-    manifest_sha = sha256_file(Path(read_manifest(config.data.path).path))
     run_id = tracker.start(state.mlflow_run_id, state.resumed_from_step,
                            tags={"task": task.name, "data.manifest_sha256": manifest_sha})
     tracker.log_params({**config.to_dict(), "data_manifest_sha256": manifest_sha,
@@ -198,7 +198,7 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     (a pre-trained model's own); by default the data set manifest's. The export records them.
     """
     run_dir = Path(config.train.run_dir)
-    lock, busy = None, ""
+    lock, busy = None, ""  # the lock lasts while ``lock`` is referenced, so until this returns
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -221,7 +221,8 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
     state = resume_state(engine.engine, train_loader, resume_path, settings)
     if dist.is_main:  # after the resume checks, so a rejected resume leaves the file as it was
         config.save(run_dir / CONFIG_NAME)
-    tracker = _start_tracking(config, dist, state, task)
+    manifest_sha = settings["data_manifest_sha256"]
+    tracker = _start_tracking(config, dist, state, task, manifest_sha)
     trainer = Trainer(config, task, engine, train_loader, val_loader, tracker, state,
                       save_checkpoint=make_checkpoint_saver(config, settings))
     LOG.info("%s: preset %s, %s parameters, %d ranks, ZeRO stage %d, %d train events, "
@@ -234,7 +235,7 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
         check_trained(trainer.state, task, config.data.path)
         trainer.run_validation()
         final_checkpoint = trainer.save_checkpoint(trainer)
-        result = _finish(config, trainer, tracker, final_checkpoint,
+        result = _finish(config, trainer, tracker, final_checkpoint, manifest_sha,
                          {"feature_stats": feature_stats.to_manifest(), **(metadata or {})})
     except BaseException:
         tracker.finish("FAILED")
@@ -243,10 +244,10 @@ def run_job(config: RunConfig, task: Task, model: torch.nn.Module, dist: DistInf
 
 
 def _finish(config: RunConfig, trainer: Trainer, tracker: Tracker, final_checkpoint: Path,
+            manifest_sha: str,
             metadata: dict[str, Any]) -> dict[str, Any] | None:
     """Export on every rank; on rank 0 log the model, register it and write result.json."""
     export_dir = Path(config.train.run_dir) / EXPORT_DIR
-    manifest_sha = sha256_file(Path(read_manifest(config.data.path).path))
     # metadata carries "feature_stats", the statistics the inputs were standardized with: they
     # belong to the model, so evaluation on another data set scales its features the same way.
     export_meta = {"task": trainer.task.name, "step": trainer.state.step,

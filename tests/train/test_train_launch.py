@@ -7,7 +7,6 @@ run to 6 steps; fine-tune on toponium from ``models:/<name>@champion``. A fourth
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -17,7 +16,8 @@ from bumblebee_dist.data.synthetic import write_dataset
 from bumblebee_dist.launching import deepspeed_command
 from bumblebee_dist.tracking import make_client
 from bumblebee_dist.train.export import load_exported
-from tests.train.test_train_preflight import job_processes, kill_leftovers, wait_until
+from tests.train.test_train_preflight import (job_processes, kill_and_wait_for_job,
+                                              kill_leftovers, wait_until)
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "tiny-pretrained"
@@ -130,9 +130,7 @@ def test_killed_cli_leaves_no_job_processes(tmp_path):
             timeout_s=180)
         assert ranks_started, log_path.read_text()[-3000:]
         assert cli.poll() is None, log_path.read_text()[-3000:]
-        os.kill(cli.pid, signal.SIGKILL)
-        cli.wait(timeout=10)
-        all_gone = wait_until(lambda: not job_processes(marker), timeout_s=15)
-        assert all_gone, f"left running: {job_processes(marker)}"
+        left = kill_and_wait_for_job(cli, marker, timeout_s=15)
+        assert left == {}, f"left running: {left}"
     finally:
         kill_leftovers(cli, marker)

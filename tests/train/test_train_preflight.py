@@ -326,6 +326,14 @@ def wait_until(condition, timeout_s: float) -> bool:
     return condition()
 
 
+def kill_and_wait_for_job(process: subprocess.Popen, marker: str, timeout_s: float) -> dict[int, str]:
+    """SIGKILL ``process``; return the processes with ``marker`` still alive after ``timeout_s``."""
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    wait_until(lambda: not job_processes(marker), timeout_s)
+    return job_processes(marker)
+
+
 def kill_leftovers(process: subprocess.Popen, marker: str) -> None:
     """SIGKILL the session of ``process`` and every process with ``marker``; reap ``process``."""
     try:
@@ -366,9 +374,7 @@ def test_launcher_tree_dies_with_parent(tmp_path):
                              timeout_s=60)
         assert started, parent.stderr.read().decode()[-3000:]
         assert parent.poll() is None, parent.stderr.read().decode()[-3000:]
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(timeout=10)
-        all_gone = wait_until(lambda: not job_processes(marker), timeout_s=10)
-        assert all_gone, f"left running: {job_processes(marker)}"
+        left = kill_and_wait_for_job(parent, marker, timeout_s=10)
+        assert left == {}, f"left running: {left}"
     finally:
         kill_leftovers(parent, marker)

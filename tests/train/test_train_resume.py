@@ -167,12 +167,12 @@ def test_no_shared_memory_left(runs):
 
 
 def test_second_job_in_run_dir_rejected(runs, tmp_path):
-    held = lock_run_dir(tmp_path)  # stands for a job already running in this folder
+    other_job_lock = lock_run_dir(tmp_path)  # as if another job were running in this folder
     try:
         command, env = pretrain_command(runs["data"], tmp_path, "auto")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        held.close()
+        other_job_lock.close()
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert f"train.run_dir {tmp_path} is in use by pid {os.getpid()}" in output, output[-3000:]
